@@ -1,0 +1,34 @@
+"""gpa-hf: GPA (General-Purpose Audio) as a Hugging Face transformers model."""
+
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+from .audio_utils import load_audio, write_wav
+from .configuration_bicodec import BiCodecConfig
+from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
+from .feature_extraction_bicodec import BiCodecFeatureExtractor
+from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
+from .modeling_bicodec import BiCodecDecoderOutput, BiCodecEncoderOutput, BiCodecModel
+from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel, GlmSpeechTokenizerOutput
+
+AutoConfig.register(BiCodecConfig.model_type, BiCodecConfig, exist_ok=True)
+AutoConfig.register(GlmSpeechTokenizerConfig.model_type, GlmSpeechTokenizerConfig, exist_ok=True)
+AutoModel.register(BiCodecConfig, BiCodecModel, exist_ok=True)
+AutoModel.register(GlmSpeechTokenizerConfig, GlmSpeechTokenizerModel, exist_ok=True)
+AutoFeatureExtractor.register(BiCodecConfig, BiCodecFeatureExtractor, exist_ok=True)
+AutoFeatureExtractor.register(GlmSpeechTokenizerConfig, GlmSpeechTokenizerFeatureExtractor, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiCodecConfig",
+    "BiCodecDecoderOutput",
+    "BiCodecEncoderOutput",
+    "BiCodecFeatureExtractor",
+    "BiCodecModel",
+    "GlmSpeechTokenizerConfig",
+    "GlmSpeechTokenizerFeatureExtractor",
+    "GlmSpeechTokenizerModel",
+    "GlmSpeechTokenizerOutput",
+    "load_audio",
+    "write_wav",
+]

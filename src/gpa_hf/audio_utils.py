@@ -1,0 +1,125 @@
+"""The one audio loader of gpa-hf: any input becomes mono float32 at the model's sampling rate.
+
+Both audio tokenizers (BiCodec and the GLM-4-Voice tokenizer) read audio through `load_audio`, so the two token
+streams of one prompt always see the same samples.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+AudioInput = str | os.PathLike | np.ndarray | torch.Tensor | Mapping[str, Any]
+"""A path, an array (with a sampling rate), or a `datasets` Audio dict (`array` + `sampling_rate`, or `path`)."""
+
+RESAMPLE_QUALITY = "VHQ"
+
+
+def _describe(audio: Any) -> str:
+    if isinstance(audio, (str, os.PathLike)):
+        return f"file {os.fspath(audio)!r}"
+    if isinstance(audio, Mapping) and audio.get("path"):
+        return f"audio {audio['path']!r}"
+    return f"{type(audio).__name__} input"
+
+
+def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
+    """Average the channels. 2-D input is laid out either way round: the shorter axis is the channel axis."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim != 2:
+        raise ValueError(
+            f"{name}: expected a 1-D (samples) or 2-D (channels, samples) array, got shape {samples.shape}"
+        )
+    channel_axis = 0 if samples.shape[0] <= samples.shape[1] else 1
+    return samples.mean(axis=channel_axis)
+
+
+def _read_file(source: Any, name: str, start_time: float | None, end_time: float | None) -> tuple[np.ndarray, int]:
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise ValueError(f"{name}: no such file")
+    try:
+        info = sf.info(source)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        start = round(start_time * info.samplerate) if start_time is not None and start_time > 0 else 0
+        stop = round(end_time * info.samplerate) if end_time is not None and end_time > 0 else None
+        if stop is not None and stop <= start:
+            raise ValueError(f"{name}: end_time {end_time} s must be after begin_time {start_time} s")
+        samples, sampling_rate = sf.read(source, start=start, stop=stop, dtype="float64", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise ValueError(f"{name}: cannot be read as audio ({error})") from error
+    return samples.T, sampling_rate
+
+
+def load_audio(
+    audio: AudioInput,
+    sampling_rate: int | None = None,
+    target_sampling_rate: int = 16000,
+    start_time: float | None = None,
+    end_time: float | None = None,
+) -> np.ndarray:
+    """Decode, downmix and resample any supported audio input to mono float32 at `target_sampling_rate`.
+
+    Args:
+        audio: a path to any file soundfile reads (wav, flac, mp3, ogg/opus, ...), a numpy array or torch tensor
+            (1-D, or 2-D with a channel axis), or a `datasets` Audio dict.
+        sampling_rate: the rate of an array input. Required for arrays: a wrong rate silently changes the pitch.
+        start_time, end_time: optional segment of a file in seconds (`None`, or a negative value, means the whole
+            file), read without decoding the rest of a long recording.
+    """
+    name = _describe(audio)
+    if isinstance(audio, Mapping):
+        if audio.get("array") is not None:
+            return load_audio(audio["array"], audio.get("sampling_rate"), target_sampling_rate, start_time, end_time)
+        if audio.get("bytes") is not None:
+            samples, sampling_rate = _read_file(io.BytesIO(audio["bytes"]), name, start_time, end_time)
+        elif audio.get("path"):
+            samples, sampling_rate = _read_file(audio["path"], name, start_time, end_time)
+        else:
+            raise ValueError(f"{name}: an audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'")
+    elif isinstance(audio, (str, os.PathLike)):
+        samples, sampling_rate = _read_file(os.fspath(audio), name, start_time, end_time)
+    elif isinstance(audio, (np.ndarray, torch.Tensor)):
+        if sampling_rate is None:
+            raise ValueError(
+                f"{name}: the sampling rate of an array cannot be known; pass sampling_rate= (for example 16000)"
+            )
+        samples = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if not np.issubdtype(samples.dtype, np.floating):
+            raise ValueError(f"{name}: expected floating-point samples in [-1, 1], got dtype {samples.dtype}")
+        samples = samples.astype(np.float64)
+        if (start_time is not None and start_time > 0) or (end_time is not None and end_time > 0):
+            start = round(max(start_time or 0.0, 0.0) * sampling_rate)
+            stop = round(end_time * sampling_rate) if end_time is not None and end_time > 0 else None
+            samples = samples[..., start:stop]
+    elif hasattr(audio, "get_all_samples"):  # datasets >= 4 decodes Audio columns to torchcodec AudioDecoder objects
+        decoded = audio.get_all_samples()
+        return load_audio(decoded.data, decoded.sample_rate, target_sampling_rate, start_time, end_time)
+    else:
+        raise ValueError(f"unsupported audio input of type {type(audio).__name__}: expected a path, array or dict")
+
+    samples = _to_mono(samples, name)
+    if samples.size == 0:
+        raise ValueError(f"{name}: the audio is empty (0 samples)")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+    if sampling_rate is None or sampling_rate <= 0:
+        raise ValueError(f"{name}: invalid sampling rate {sampling_rate}")
+    if sampling_rate != target_sampling_rate:
+        samples = soxr.resample(samples, sampling_rate, target_sampling_rate, quality=RESAMPLE_QUALITY)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def write_wav(path: str | os.PathLike, waveform: np.ndarray | torch.Tensor, sampling_rate: int = 16000) -> None:
+    """Write a mono float32 WAV file."""
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().float().numpy()
+    sf.write(os.fspath(path), np.asarray(waveform, dtype=np.float32).reshape(-1), sampling_rate, subtype="FLOAT")

@@ -1,0 +1,670 @@
+"""BiCodec: wav2vec2 semantic tokens at 50 Hz + 32 global speaker tokens, and a DAC-style decoder back to audio.
+
+Layout follows the published BiCodec: a ConvNeXt (Vocos) feature encoder over wav2vec2 features with a factorized
+cosine VQ; an ECAPA-TDNN + perceiver resampler + FSQ speaker tokenizer over a linear-magnitude mel spectrogram; a
+speaker-conditioned ConvNeXt prenet and a DAC wave generator. Every sequence op honours a padding mask, so a batch
+of clips gives each clip exactly what it gets alone.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers import initialization as init
+from transformers.audio_utils import mel_filter_bank
+from transformers.modeling_utils import PreTrainedAudioTokenizerBase
+from transformers.models.dac.modeling_dac import DacResidualUnit, Snake1d
+from transformers.utils import ModelOutput
+
+from .configuration_bicodec import BiCodecConfig
+
+# The reference's Encoder/Decoder stages use a "sampling block" with ratio 1, which returns x + x + x.
+STAGE_GAIN = 3.0
+
+
+@dataclass
+class BiCodecEncoderOutput(ModelOutput):
+    """
+    Args:
+        semantic_codes (`torch.LongTensor` of shape `(batch_size, frames)`): semantic token ids, padded with 0
+            after each clip's `semantic_lengths`.
+        semantic_lengths (`torch.LongTensor` of shape `(batch_size,)`): valid semantic tokens of each clip.
+        global_codes (`torch.LongTensor` of shape `(batch_size, num_global_tokens)`): speaker token ids.
+        semantic_features (`torch.FloatTensor` of shape `(batch_size, frames, semantic_hidden_size)`): the mean of
+            the selected wav2vec2 hidden states.
+        semantic_latents (`torch.FloatTensor` of shape `(batch_size, hidden_size, frames)`): feature encoder output.
+        speaker_latents (`torch.FloatTensor` of shape `(batch_size, speaker_latent_dim, num_global_tokens)`):
+            perceiver output before FSQ.
+    """
+
+    semantic_codes: torch.LongTensor | None = None
+    semantic_lengths: torch.LongTensor | None = None
+    global_codes: torch.LongTensor | None = None
+    semantic_features: torch.FloatTensor | None = None
+    semantic_latents: torch.FloatTensor | None = None
+    speaker_latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class BiCodecDecoderOutput(ModelOutput):
+    """
+    Args:
+        audio_values (`torch.FloatTensor` of shape `(batch_size, samples)`): waveforms, zero after each clip's
+            `audio_lengths`.
+        audio_lengths (`torch.LongTensor` of shape `(batch_size,)`): `hop_length` samples per semantic token.
+    """
+
+    audio_values: torch.FloatTensor | None = None
+    audio_lengths: torch.LongTensor | None = None
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """`(batch,)` lengths -> `(batch, 1, max_length)` float mask, 1 on valid frames."""
+    positions = torch.arange(max_length, device=lengths.device)
+    return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
+
+
+class BiCodecAdaLayerNorm(nn.Module):
+    """LayerNorm without affine parameters, then a scale and shift predicted from the speaker d-vector."""
+
+    def __init__(self, condition_dim: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Linear(condition_dim, dim)
+        self.shift = nn.Linear(condition_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.layer_norm(hidden_states, (hidden_states.shape[-1],), eps=self.eps)
+        return hidden_states * self.scale(condition).unsqueeze(1) + self.shift(condition).unsqueeze(1)
+
+
+class BiCodecConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int, intermediate_size: int, condition_dim: int | None = None):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = BiCodecAdaLayerNorm(condition_dim, dim) if condition_dim else nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, intermediate_size)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(intermediate_size, dim)
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.dwconv(hidden_states * mask).transpose(1, 2)
+        hidden_states = self.norm(hidden_states, condition) if condition is not None else self.norm(hidden_states)
+        hidden_states = self.pwconv2(self.act(self.pwconv1(hidden_states)))
+        return residual + (self.gamma * hidden_states).transpose(1, 2)
+
+
+class BiCodecVocosBackbone(nn.Module):
+    """Conv embedding + ConvNeXt blocks. Takes `(batch, channels, frames)`, returns `(batch, frames, dim)`."""
+
+    def __init__(
+        self, input_dim: int, dim: int, intermediate_size: int, num_layers: int, condition_dim: int | None = None
+    ):
+        super().__init__()
+        self.embed = nn.Conv1d(input_dim, dim, kernel_size=7, padding=3)
+        self.norm = BiCodecAdaLayerNorm(condition_dim, dim) if condition_dim else nn.LayerNorm(dim, eps=1e-6)
+        self.convnext = nn.ModuleList(
+            [BiCodecConvNeXtBlock(dim, intermediate_size, condition_dim) for _ in range(num_layers)]
+        )
+        self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden_states = self.embed(hidden_states * mask).transpose(1, 2)
+        hidden_states = self.norm(hidden_states, condition) if condition is not None else self.norm(hidden_states)
+        hidden_states = hidden_states.transpose(1, 2)
+        for block in self.convnext:
+            hidden_states = block(hidden_states, mask, condition)
+        return self.final_layer_norm(hidden_states.transpose(1, 2))
+
+
+class BiCodecFeatureEncoder(nn.Module):
+    """wav2vec2 features `(batch, semantic_hidden, frames)` -> latents `(batch, hidden_size, frames)`."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        dim, inner = config.encoder_vocos_dim, config.encoder_intermediate_size
+        self.encoder = BiCodecVocosBackbone(
+            config.semantic_model_config.hidden_size, dim, inner, config.encoder_num_layers
+        )
+        self.stages = nn.ModuleList(
+            [BiCodecVocosBackbone(dim, dim, inner, 2) for _ in range(config.encoder_num_stages)]
+        )
+        self.project = nn.Linear(dim, config.hidden_size)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.encoder(features, mask)
+        for stage in self.stages:
+            hidden_states = stage(STAGE_GAIN * hidden_states.transpose(1, 2), mask)
+        return self.project(hidden_states).transpose(1, 2)
+
+
+class BiCodecSemanticQuantizer(nn.Module):
+    """Factorized VQ: project to `codebook_dim`, nearest codeword by cosine similarity, project back."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.in_project = nn.Conv1d(config.hidden_size, config.codebook_dim, kernel_size=1)
+        self.codebook = nn.Embedding(config.codebook_size, config.codebook_dim)
+        self.out_project = nn.Conv1d(config.codebook_dim, config.hidden_size, kernel_size=1)
+
+    def similarities(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every frame to every codeword, `(batch, frames, codebook_size)`."""
+        projected = F.normalize(self.in_project(latents).transpose(1, 2), dim=-1)
+        return projected @ F.normalize(self.codebook.weight, dim=-1).t()
+
+    def encode(self, latents: torch.Tensor) -> torch.LongTensor:
+        return self.similarities(latents).argmax(dim=-1)
+
+    def decode(self, codes: torch.LongTensor) -> torch.Tensor:
+        return self.out_project(self.codebook(codes).transpose(1, 2))
+
+
+class BiCodecMelSpectrogram(nn.Module):
+    """Linear-magnitude (power 1) slaney mel spectrogram, centred reflect-padded STFT with a periodic Hann window."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.n_fft, self.hop_length = config.mel_n_fft, config.mel_hop_length
+        filters, window = self.compute_buffers(config)
+        self.register_buffer("mel_filters", filters, persistent=False)
+        self.register_buffer("window", window, persistent=False)
+
+    @staticmethod
+    def compute_buffers(config: BiCodecConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mel filterbank `(n_fft // 2 + 1, num_mel_bins)` and the analysis window, derived from the config."""
+        filters = mel_filter_bank(
+            num_frequency_bins=config.mel_n_fft // 2 + 1,
+            num_mel_filters=config.num_mel_bins,
+            min_frequency=config.mel_fmin,
+            max_frequency=config.mel_fmax if config.mel_fmax is not None else config.sampling_rate / 2,
+            sampling_rate=config.sampling_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
+        return torch.tensor(filters, dtype=torch.float32), torch.hann_window(config.mel_win_length)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`(batch, samples)` -> `(batch, num_mel_bins, frames)`."""
+        spectrum = torch.stft(
+            waveform,
+            self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.window.shape[0],
+            window=self.window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        ).abs()
+        return torch.matmul(self.mel_filters.t(), spectrum)
+
+
+class BiCodecConv1dReluBn(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding)
+        self.bn = nn.BatchNorm1d(out_channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.relu(self.conv(hidden_states)))
+
+
+class BiCodecRes2Conv1dReluBn(nn.Module):
+    """Res2Net block: split channels into `scale` groups, each conv sees its group plus the previous output."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int, scale: int = 8):
+        super().__init__()
+        self.width = channels // scale
+        padding = dilation * (kernel_size - 1) // 2
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(self.width, self.width, kernel_size, padding=padding, dilation=dilation)
+                for _ in range(scale - 1)
+            ]
+        )
+        self.bns = nn.ModuleList([nn.BatchNorm1d(self.width) for _ in range(scale - 1)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        groups = torch.split(hidden_states, self.width, dim=1)
+        outputs, previous = [], None
+        for index, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            group = groups[index] if previous is None else previous + groups[index]
+            previous = bn(F.relu(conv(group)))
+            outputs.append(previous)
+        outputs.append(groups[-1])
+        return torch.cat(outputs, dim=1)
+
+
+class BiCodecSqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, bottleneck: int = 128):
+        super().__init__()
+        self.linear1 = nn.Linear(channels, bottleneck)
+        self.linear2 = nn.Linear(bottleneck, channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.linear2(F.relu(self.linear1(hidden_states.mean(dim=2)))))
+        return hidden_states * gate.unsqueeze(2)
+
+
+class BiCodecSERes2Block(nn.Module):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.conv_in = BiCodecConv1dReluBn(channels, channels)
+        self.res2conv = BiCodecRes2Conv1dReluBn(channels, kernel_size=3, dilation=dilation)
+        self.conv_out = BiCodecConv1dReluBn(channels, channels)
+        self.se = BiCodecSqueezeExcitation(channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.se(self.conv_out(self.res2conv(self.conv_in(hidden_states))))
+
+
+class BiCodecEcapaTdnn(nn.Module):
+    """ECAPA-TDNN trunk: the frame-level latent `(batch, ecapa_output_channels, frames)` that the perceiver reads."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        channels = config.ecapa_channels
+        self.layer1 = BiCodecConv1dReluBn(config.num_mel_bins, channels, kernel_size=5, padding=2)
+        self.layer2 = BiCodecSERes2Block(channels, dilation=2)
+        self.layer3 = BiCodecSERes2Block(channels, dilation=3)
+        self.layer4 = BiCodecSERes2Block(channels, dilation=4)
+        self.conv = nn.Conv1d(3 * channels, config.ecapa_output_channels, kernel_size=1)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        out1 = self.layer1(mel)
+        out2 = self.layer2(out1)
+        out3 = self.layer3(out2)
+        out4 = self.layer4(out3)
+        return F.relu(self.conv(torch.cat([out2, out3, out4], dim=1)))
+
+
+class BiCodecPerceiverAttention(nn.Module):
+    """Cross-attention from the latents to `[latents; context]`, no bias, no pre-norm."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        context = torch.cat([latents, context], dim=1)
+        batch = latents.shape[0]
+        query = self.to_q(latents).view(batch, latents.shape[1], self.heads, -1).transpose(1, 2)
+        key, value = (
+            t.view(batch, context.shape[1], self.heads, -1).transpose(1, 2)
+            for t in self.to_kv(context).chunk(2, dim=-1)
+        )
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.to_out(attended.transpose(1, 2).reshape(batch, latents.shape[1], -1))
+
+
+class BiCodecGegluFeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        inner = int(dim * mult * 2 / 3)
+        self.fc_in = nn.Linear(dim, 2 * inner)
+        self.fc_out = nn.Linear(inner, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states, gate = self.fc_in(hidden_states).chunk(2, dim=-1)
+        return self.fc_out(F.gelu(gate) * hidden_states)
+
+
+class BiCodecPerceiverLayer(nn.Module):
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        dim = config.speaker_latent_dim
+        self.attention = BiCodecPerceiverAttention(dim, config.perceiver_heads, config.perceiver_head_dim)
+        self.feed_forward = BiCodecGegluFeedForward(dim, config.perceiver_ff_mult)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        latents = self.attention(latents, context) + latents
+        return self.feed_forward(latents) + latents
+
+
+class BiCodecScaledRMSNorm(nn.Module):
+    """`normalize(x) * sqrt(dim) * weight`, the perceiver's output norm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.normalize(hidden_states, dim=-1) * hidden_states.shape[-1] ** 0.5 * self.weight
+
+
+class BiCodecPerceiverResampler(nn.Module):
+    """Resamples the variable-length ECAPA latent to `num_global_tokens` learned latents."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        dim = config.speaker_latent_dim
+        self.proj_context = nn.Linear(config.ecapa_output_channels, dim)
+        self.latents = nn.Parameter(torch.zeros(config.num_global_tokens, dim))
+        self.layers = nn.ModuleList([BiCodecPerceiverLayer(config) for _ in range(config.perceiver_depth)])
+        self.norm = BiCodecScaledRMSNorm(dim)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        context = self.proj_context(context)
+        latents = self.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, context)
+        return self.norm(latents)
+
+
+class BiCodecFiniteScalarQuantizer(nn.Module):
+    """Single-stage residual FSQ: project to `len(levels)` dims, bound with tanh, round, pack digits into an id."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.project_in = nn.Linear(config.speaker_latent_dim, len(config.fsq_levels))
+        self.project_out = nn.Linear(len(config.fsq_levels), config.speaker_latent_dim)
+        levels, basis = self.compute_buffers(config)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    @staticmethod
+    def compute_buffers(config: BiCodecConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Levels per digit, and the place value of each digit in a packed id."""
+        levels = torch.tensor(config.fsq_levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor([1, *config.fsq_levels[:-1]], dtype=torch.long), dim=0)
+        return levels, basis
+
+    def bound(self, values: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        half_range = (self.levels - 1) * (1 + eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_range)
+        return torch.tanh(values + shift) * half_range - offset
+
+    def encode(self, latents: torch.Tensor) -> torch.LongTensor:
+        """`(batch, tokens, speaker_latent_dim)` -> `(batch, tokens)` ids."""
+        digits = torch.round(self.bound(self.project_in(latents.float()))) + (self.levels // 2)
+        return (digits.long() * self.basis).sum(dim=-1)
+
+    def decode(self, codes: torch.LongTensor) -> torch.Tensor:
+        """`(batch, tokens)` ids -> `(batch, tokens, speaker_latent_dim)`."""
+        half_width = self.levels // 2
+        digits = (codes.unsqueeze(-1) // self.basis) % self.levels.long()
+        return self.project_out((digits.float() - half_width) / half_width)
+
+
+class BiCodecSpeakerEncoder(nn.Module):
+    """Reference mel -> global tokens, and global tokens -> the speaker d-vector that conditions the decoder."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.ecapa = BiCodecEcapaTdnn(config)
+        self.perceiver = BiCodecPerceiverResampler(config)
+        self.quantizer = BiCodecFiniteScalarQuantizer(config)
+        self.project = nn.Linear(config.speaker_latent_dim * config.num_global_tokens, config.hidden_size)
+
+    def latents(self, mel: torch.Tensor) -> torch.Tensor:
+        """`(batch, num_mel_bins, frames)` -> perceiver output `(batch, num_global_tokens, speaker_latent_dim)`."""
+        return self.perceiver(self.ecapa(mel).transpose(1, 2))
+
+    def d_vector(self, global_codes: torch.LongTensor) -> torch.Tensor:
+        quantized = self.quantizer.decode(global_codes)  # (batch, tokens, latent)
+        return self.project(quantized.transpose(1, 2).reshape(global_codes.shape[0], -1))
+
+
+class BiCodecPrenet(nn.Module):
+    """Quantized latents + d-vector -> decoder input, a speaker-conditioned ConvNeXt stack."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        dim, inner = config.prenet_vocos_dim, config.prenet_intermediate_size
+        self.linear_pre = nn.Linear(config.hidden_size, dim)
+        self.stages = nn.ModuleList(
+            [BiCodecVocosBackbone(dim, dim, inner, 2) for _ in range(config.prenet_num_stages)]
+        )
+        self.vocos_backbone = BiCodecVocosBackbone(
+            dim, dim, inner, config.prenet_num_layers, condition_dim=config.hidden_size
+        )
+        self.linear = nn.Linear(dim, config.hidden_size)
+
+    def forward(self, latents: torch.Tensor, condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_pre(latents.transpose(1, 2))
+        for stage in self.stages:
+            hidden_states = stage(STAGE_GAIN * hidden_states.transpose(1, 2), mask)
+        hidden_states = self.vocos_backbone(hidden_states.transpose(1, 2), mask, condition)
+        return self.linear(hidden_states).transpose(1, 2)
+
+
+class BiCodecDecoderBlock(nn.Module):
+    """Snake, transposed conv upsampling by `stride`, three dilated DAC residual units."""
+
+    def __init__(self, input_dim: int, output_dim: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.snake = Snake1d(input_dim)
+        self.conv_t = nn.ConvTranspose1d(
+            input_dim, output_dim, kernel_size, stride=stride, padding=(kernel_size - stride) // 2
+        )
+        self.res_units = nn.ModuleList([DacResidualUnit(output_dim, dilation) for dilation in (1, 3, 9)])
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states = self.conv_t(self.snake(hidden_states) * mask)
+        mask = mask.repeat_interleave(self.stride, dim=-1)
+        for unit in self.res_units:
+            hidden_states = unit(hidden_states * mask)
+        return hidden_states, mask
+
+
+class BiCodecWaveGenerator(nn.Module):
+    """DAC decoder: `(batch, hidden_size, frames)` -> `(batch, frames * hop_length)` in [-1, 1]."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        channels = config.decoder_channels
+        self.conv_in = nn.Conv1d(config.hidden_size, channels, kernel_size=7, padding=3)
+        self.blocks = nn.ModuleList(
+            [
+                BiCodecDecoderBlock(channels // 2**i, channels // 2 ** (i + 1), kernel, stride)
+                for i, (stride, kernel) in enumerate(zip(config.upsampling_rates, config.decoder_kernel_sizes))
+            ]
+        )
+        output_dim = channels // 2 ** len(config.upsampling_rates)
+        self.snake_out = Snake1d(output_dim)
+        self.conv_out = nn.Conv1d(output_dim, 1, kernel_size=7, padding=3)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_in(hidden_states * mask)
+        for block in self.blocks:
+            hidden_states, mask = block(hidden_states, mask)
+        hidden_states = self.conv_out(self.snake_out(hidden_states * mask))
+        return (torch.tanh(hidden_states) * mask).squeeze(1)
+
+
+class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
+    config: BiCodecConfig
+    base_model_prefix = "bicodec"
+    main_input_name = "input_values"
+    input_modalities = "audio"
+    supports_gradient_checkpointing = False
+    # The codec runs in float32 whatever dtype the surrounding model is loaded in.
+    _keep_in_fp32_modules_strict = ["semantic_model", "encoder", "quantizer", "speaker_encoder", "prenet", "decoder"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, Snake1d):
+            init.ones_(module.alpha)
+        elif isinstance(module, BiCodecConvNeXtBlock):
+            init.constant_(module.gamma, 1.0 / 12)
+        elif isinstance(module, BiCodecPerceiverResampler):
+            init.normal_(module.latents, std=0.02)
+        elif isinstance(module, BiCodecScaledRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, BiCodecAdaLayerNorm):
+            init.zeros_(module.scale.weight)
+            init.ones_(module.scale.bias)
+            init.zeros_(module.shift.weight)
+            init.zeros_(module.shift.bias)
+        elif isinstance(module, BiCodecMelSpectrogram):
+            filters, window = module.compute_buffers(self.config)
+            init.copy_(module.mel_filters, filters)
+            init.copy_(module.window, window)
+        elif isinstance(module, BiCodecFiniteScalarQuantizer):
+            levels, basis = module.compute_buffers(self.config)
+            init.copy_(module.levels, levels)
+            init.copy_(module.basis, basis)
+
+
+class BiCodecModel(BiCodecPreTrainedModel):
+    """BiCodec audio tokenizer: `encode` audio to (semantic, global) tokens, `decode` them back to 16 kHz audio.
+
+    Inputs come from [`BiCodecFeatureExtractor`]: `input_values` (wav2vec2-normalised, padded), their
+    `attention_mask`, and `reference_values` (the loudness-normalised speaker reference clips).
+    """
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__(config)
+        if config.include_semantic_encoder:
+            self.semantic_model = AutoModel.from_config(config.semantic_model_config)
+            self.encoder = BiCodecFeatureEncoder(config)
+        else:
+            self.semantic_model = None
+            self.encoder = None
+            # A full checkpoint loaded for decoding only: its semantic-path weights are expected and skipped.
+            self._keys_to_ignore_on_load_unexpected = [r"^semantic_model\.", r"^encoder\."]
+        self.quantizer = BiCodecSemanticQuantizer(config)
+        self.mel = BiCodecMelSpectrogram(config)
+        self.speaker_encoder = BiCodecSpeakerEncoder(config)
+        self.prenet = BiCodecPrenet(config)
+        self.decoder = BiCodecWaveGenerator(config)
+        self.post_init()
+
+    @property
+    def codec_dtype(self) -> torch.dtype:
+        return self.quantizer.codebook.weight.dtype
+
+    def semantic_lengths(self, sample_lengths: torch.Tensor) -> torch.LongTensor:
+        """Semantic tokens for clips of `sample_lengths` samples: `floor((n - 400) / 320) + 1` published."""
+        if self.semantic_model is not None:
+            return self.semantic_model._get_feat_extract_output_lengths(sample_lengths).long()
+        receptive_field = self.config.hop_length + self.config.hop_length // 4
+        return torch.div(sample_lengths - receptive_field, self.config.hop_length, rounding_mode="floor") + 1
+
+    def reference_mel(self, reference_values: torch.Tensor) -> torch.Tensor:
+        """Speaker reference clips `(batch, reference_length)` -> mel `(batch, num_mel_bins, frames)`."""
+        return self.mel(reference_values.to(self.codec_dtype))
+
+    def encode_speaker(self, reference_values: torch.Tensor) -> BiCodecEncoderOutput:
+        """Global (speaker) tokens from reference clips alone: no wav2vec2, no semantic path."""
+        latents = self.speaker_encoder.latents(self.reference_mel(reference_values))
+        return BiCodecEncoderOutput(
+            global_codes=self.speaker_encoder.quantizer.encode(latents), speaker_latents=latents.transpose(1, 2)
+        )
+
+    def encode(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        reference_values: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> BiCodecEncoderOutput | tuple:
+        """Semantic tokens of `input_values` and, when `reference_values` are given, their global tokens."""
+        if self.semantic_model is None:
+            raise ValueError(
+                "this BiCodec was built with include_semantic_encoder=False (speaker encoding and decoding only); "
+                "load it with include_semantic_encoder=True to compute semantic tokens"
+            )
+        if input_values.ndim != 2:
+            raise ValueError(f"input_values must be (batch, samples), got shape {tuple(input_values.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_values, dtype=torch.long)
+        semantic_model_dtype = next(self.semantic_model.parameters()).dtype
+        hidden_states = self.semantic_model(
+            input_values.to(semantic_model_dtype), attention_mask=attention_mask, output_hidden_states=True
+        ).hidden_states
+        features = torch.stack([hidden_states[i] for i in self.config.semantic_hidden_layers]).mean(dim=0)
+        features = features.to(self.codec_dtype)
+        lengths = self.semantic_lengths(attention_mask.sum(-1))
+        mask = lengths_to_mask(lengths, features.shape[1]).to(features.dtype)
+        latents = self.encoder(features.transpose(1, 2), mask)
+        codes = self.quantizer.encode(latents) * mask[:, 0].long()
+        speaker = self.encode_speaker(reference_values) if reference_values is not None else BiCodecEncoderOutput()
+        output = BiCodecEncoderOutput(
+            semantic_codes=codes,
+            semantic_lengths=lengths,
+            global_codes=speaker.global_codes,
+            semantic_features=features,
+            semantic_latents=latents,
+            speaker_latents=speaker.speaker_latents,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def speaker_embedding(self, global_codes: torch.LongTensor) -> torch.Tensor:
+        """The d-vector `(batch, hidden_size)` that global tokens decode to."""
+        return self.speaker_encoder.d_vector(global_codes)
+
+    def decode(
+        self,
+        semantic_codes: torch.LongTensor,
+        global_codes: torch.LongTensor,
+        semantic_lengths: torch.LongTensor | None = None,
+        return_dict: bool = True,
+    ) -> BiCodecDecoderOutput | tuple:
+        """Semantic `(batch, frames)` + global `(batch, num_global_tokens)` tokens -> `(batch, frames * hop)` audio."""
+        if semantic_codes.ndim != 2 or global_codes.ndim != 2:
+            raise ValueError(
+                "decode expects semantic_codes (batch, frames) and global_codes (batch, num_global_tokens), got "
+                f"{tuple(semantic_codes.shape)} and {tuple(global_codes.shape)}"
+            )
+        if global_codes.shape[-1] != self.config.num_global_tokens:
+            raise ValueError(
+                f"expected {self.config.num_global_tokens} global tokens per item, got {global_codes.shape[-1]}"
+            )
+        for name, codes, size in (
+            ("semantic", semantic_codes, self.config.codebook_size),
+            ("global", global_codes, self.config.global_codebook_size),
+        ):
+            if codes.numel() and (codes.min() < 0 or codes.max() >= size):
+                raise ValueError(f"{name} token ids must be in [0, {size}), got [{codes.min()}, {codes.max()}]")
+        if semantic_lengths is None:
+            semantic_lengths = torch.full(
+                (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
+            )
+        mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
+        latents = self.quantizer.decode(semantic_codes)
+        d_vector = self.speaker_embedding(global_codes)
+        hidden_states = self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
+        audio = self.decoder(hidden_states, mask)
+        output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
+        return output if return_dict else output.to_tuple()
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        reference_values: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> BiCodecDecoderOutput | tuple:
+        """Encode then decode (a round trip through the tokens)."""
+        encoded = self.encode(input_values, attention_mask, reference_values)
+        return self.decode(encoded.semantic_codes, encoded.global_codes, encoded.semantic_lengths, return_dict)
+
+
+__all__ = ["BiCodecDecoderOutput", "BiCodecEncoderOutput", "BiCodecModel", "BiCodecPreTrainedModel"]

@@ -1,14 +1,25 @@
 """gpa-hf: GPA (General-Purpose Audio) as a Hugging Face transformers model."""
 
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForTextToWaveform,
+    AutoProcessor,
+)
 
 from .audio_utils import load_audio, write_wav
 from .configuration_bicodec import BiCodecConfig
 from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
+from .configuration_gpa import GpaConfig, GpaVocabularyLayout
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
+from .feature_extraction_gpa import GpaFeatureExtractor
 from .modeling_bicodec import BiCodecDecoderOutput, BiCodecEncoderOutput, BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel, GlmSpeechTokenizerOutput
+from .modeling_gpa import GpaForConditionalGeneration, GpaGenerateOutput
+from .processing_gpa import GpaProcessor, GpaVoice
 
 AutoConfig.register(BiCodecConfig.model_type, BiCodecConfig, exist_ok=True)
 AutoConfig.register(GlmSpeechTokenizerConfig.model_type, GlmSpeechTokenizerConfig, exist_ok=True)
@@ -16,6 +27,11 @@ AutoModel.register(BiCodecConfig, BiCodecModel, exist_ok=True)
 AutoModel.register(GlmSpeechTokenizerConfig, GlmSpeechTokenizerModel, exist_ok=True)
 AutoFeatureExtractor.register(BiCodecConfig, BiCodecFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(GlmSpeechTokenizerConfig, GlmSpeechTokenizerFeatureExtractor, exist_ok=True)
+AutoConfig.register(GpaConfig.model_type, GpaConfig, exist_ok=True)
+AutoModelForCausalLM.register(GpaConfig, GpaForConditionalGeneration, exist_ok=True)
+AutoModelForTextToWaveform.register(GpaConfig, GpaForConditionalGeneration, exist_ok=True)
+AutoFeatureExtractor.register(GpaConfig, GpaFeatureExtractor, exist_ok=True)
+AutoProcessor.register(GpaConfig, GpaProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
@@ -29,6 +45,17 @@ __all__ = [
     "GlmSpeechTokenizerFeatureExtractor",
     "GlmSpeechTokenizerModel",
     "GlmSpeechTokenizerOutput",
+    "GpaConfig",
+    "GpaFeatureExtractor",
+    "GpaForConditionalGeneration",
+    "GpaGenerateOutput",
+    "GpaProcessor",
+    "GpaVocabularyLayout",
+    "GpaVoice",
     "load_audio",
     "write_wav",
 ]
+
+from .pipelines import register_pipelines  # noqa: E402
+
+register_pipelines()

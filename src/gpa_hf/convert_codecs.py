@@ -115,9 +115,11 @@ def convert_bicodec_state_dict(
     return converted, unused
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, skip_prefix=()):
-    """Raise naming every missing, unexpected or mis-shaped key between `state_dict` and `model`."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(skip_prefix))}
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], source: str, skip_prefix=()
+):
+    """Raise naming every missing, unexpected or mis-shaped key between `state_dict` and the `expected` one."""
+    expected = {k: v for k, v in expected.items() if not k.startswith(tuple(skip_prefix))}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
@@ -238,7 +240,9 @@ def load_original_bicodec(
     state_dict, _ = convert_bicodec_state_dict(original, len(config.upsampling_rates))
     if not include_semantic_encoder:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
-    check_state_dict(model, state_dict, str(folder / "model.safetensors"), skip_prefix=("semantic_model.",))
+    check_state_dict(
+        model.state_dict(), state_dict, str(folder / "model.safetensors"), skip_prefix=("semantic_model.",)
+    )
     model.load_state_dict(state_dict, strict=False)
     if wav2vec2 is not None:
         model.semantic_model.load_state_dict(wav2vec2.state_dict())
@@ -306,7 +310,7 @@ def load_original_glm_tokenizer(
     original = {k: v.float() for k, v in load_file(folder / "model.safetensors").items()}
     state_dict, _ = convert_glm_state_dict(original, config.num_hidden_layers)
     model = GlmSpeechTokenizerModel(config)
-    check_state_dict(model, state_dict, str(folder / "model.safetensors"))
+    check_state_dict(model.state_dict(), state_dict, str(folder / "model.safetensors"))
     model.load_state_dict(state_dict)
     model.eval()
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())

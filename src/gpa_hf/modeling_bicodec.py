@@ -488,6 +488,8 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
     main_input_name = "input_values"
     input_modalities = "audio"
     supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
     # The codec runs in float32 whatever dtype the surrounding model is loaded in.
     _keep_in_fp32_modules_strict = ["semantic_model", "encoder", "quantizer", "speaker_encoder", "prenet", "decoder"]
 

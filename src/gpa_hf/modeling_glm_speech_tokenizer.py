@@ -51,7 +51,7 @@ class GlmSpeechTokenizerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["WhisperEncoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True
     # The tokenizer runs in float32 whatever dtype the surrounding model is loaded in.
     _keep_in_fp32_modules_strict = ["conv1", "conv2", "embed_positions", "layers", "codebook"]
 

@@ -1,0 +1,239 @@
+"""`gpa-hf`: the everyday jobs from the shell (tokenize, decode, tts, asr, vc, voice, convert)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .audio_utils import write_wav
+from .configuration_gpa import TASKS
+from .convert_codecs import CheckpointMismatchError
+
+
+def load_gpa(model_path: str, tasks=TASKS):
+    """A published-layout folder (converted in memory) or a gpa-hf folder / Hub id -> (model, processor)."""
+    from .convert_gpa_original_to_hf import is_original_layout, load_original_gpa
+    from .modeling_gpa import GpaForConditionalGeneration
+    from .processing_gpa import GpaProcessor
+
+    if is_original_layout(model_path):
+        return load_original_gpa(model_path, tasks=tasks)
+    model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks)).eval()
+    return model, GpaProcessor.from_pretrained(model_path)
+
+
+def _generate_kwargs(args) -> dict:
+    kwargs = {}
+    if getattr(args, "greedy", False):
+        kwargs["do_sample"] = False
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def _run_task(args, task: str, **processor_kwargs):
+    if getattr(args, "seed", None) is not None:
+        torch.manual_seed(args.seed)
+    model, processor = load_gpa(args.model, tasks=[task])
+    inputs = processor(task=task, **processor_kwargs)
+    if args.dry_run:
+        filled = model.fill_audio_tokens(**{k: v for k, v in inputs.items() if k != "attention_mask"})
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(filled, inputs["attention_mask"])]
+        print(json.dumps({"input_ids": prompts[0] if len(prompts) == 1 else prompts}))
+        return None, None, None
+    output = model.generate(**inputs, task=task, output_audio=task != "asr", **_generate_kwargs(args))
+    return model, processor, (output, inputs["input_ids"].shape[1])
+
+
+def cmd_tts(args) -> None:
+    model, _, result = _run_task(args, "tts", text=args.text, voice=args.voice)
+    if result is not None:
+        write_wav(args.output, result[0].audio[0], model.config.sampling_rate)
+        print(f"wrote {args.output} ({result[0].audio[0].numel() / model.config.sampling_rate:.2f} s)")
+
+
+def cmd_vc(args) -> None:
+    model, _, result = _run_task(args, "vc", audio=args.source, voice=args.voice)
+    if result is not None:
+        write_wav(args.output, result[0].audio[0], model.config.sampling_rate)
+        print(f"wrote {args.output} ({result[0].audio[0].numel() / model.config.sampling_rate:.2f} s)")
+
+
+def cmd_asr(args) -> None:
+    if args.dry_run:
+        _run_task(args, "asr", audio=args.audio)
+        return
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, processor = load_gpa(args.model, tasks=["asr"])
+    texts = {}
+    for start in tqdm(
+        range(0, len(args.audio), args.batch_size), desc="asr", disable=len(args.audio) <= args.batch_size
+    ):
+        batch = args.audio[start : start + args.batch_size]
+        inputs = processor(task="asr", audio=batch)
+        sequences = model.generate(**inputs, task="asr", **_generate_kwargs(args))
+        for path, sequence in zip(batch, sequences):
+            texts[path] = processor.decode_text(sequence[inputs["input_ids"].shape[1] :])
+    if args.json:
+        print(json.dumps(texts, ensure_ascii=False))
+    else:
+        for path, text in texts.items():
+            print(f"{path}\t{text}")
+
+
+def _load_codecs(model_path: str):
+    """(BiCodec, its features, GLM tokenizer, its features) from a published-layout or gpa-hf folder."""
+    from .convert_codecs import BICODEC_DIR, GLM_TOKENIZER_DIR, load_original_bicodec, load_original_glm_tokenizer
+    from .convert_gpa_original_to_hf import is_original_layout
+
+    if is_original_layout(model_path):
+        bicodec, bicodec_features = load_original_bicodec(Path(model_path) / BICODEC_DIR)
+        glm, glm_features = load_original_glm_tokenizer(Path(model_path) / GLM_TOKENIZER_DIR)
+        return bicodec, bicodec_features, glm, glm_features
+    model, processor = load_gpa(model_path, tasks=["asr", "vc"])
+    return model.bicodec, processor.feature_extractor.bicodec, model.speech_tokenizer, processor.feature_extractor.glm
+
+
+def cmd_tokenize(args) -> None:
+    bicodec, bicodec_features, glm, glm_features = _load_codecs(args.model)
+    with torch.no_grad():
+        encoded = bicodec.encode(**bicodec_features(args.audio))
+        glm_encoded = glm.encode(**glm_features(args.audio))
+    result = {}
+    for index, path in enumerate(args.audio):
+        result[path] = {
+            "semantic": encoded.semantic_codes[index, : encoded.semantic_lengths[index]].tolist(),
+            "global": encoded.global_codes[index].tolist(),
+            "glm": glm_encoded.audio_codes[index, : glm_encoded.code_lengths[index]].tolist(),
+        }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for path, tokens in result.items():
+            print(
+                f"{path}: {len(tokens['semantic'])} semantic, {len(tokens['global'])} global, {len(tokens['glm'])} glm"
+            )
+
+
+def cmd_decode(args) -> None:
+    try:
+        entries = json.loads(Path(args.tokens).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{args.tokens}: cannot read the tokens JSON ({error})") from error
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{args.tokens}: expected a JSON object of {{path: {{semantic, global}}}}")
+    bicodec, *_ = _load_codecs(args.model)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path, tokens in tqdm(entries.items(), desc="decode", disable=len(entries) < 2):
+        if not isinstance(tokens, dict) or "semantic" not in tokens or "global" not in tokens:
+            raise ValueError(f"{args.tokens}: entry {path!r} needs 'semantic' and 'global' token lists")
+        with torch.no_grad():
+            audio = bicodec.decode(torch.tensor([tokens["semantic"]]), torch.tensor([tokens["global"]])).audio_values
+        target = output_dir / f"{Path(path).stem}.wav"
+        write_wav(target, audio[0], bicodec.config.sampling_rate)
+        print(f"wrote {target}")
+
+
+def cmd_voice(args) -> None:
+    from .convert_gpa_original_to_hf import voice_from_audio
+
+    model, processor = load_gpa(args.model, tasks=["tts"])
+    voice = voice_from_audio(model, processor, args.audio)
+    voice.save(args.output)
+    print(f"wrote {args.output} ({voice.global_codes.numel()} global tokens)")
+
+
+def cmd_convert(args) -> None:
+    from .convert_gpa_original_to_hf import convert_gpa_checkpoint
+
+    convert_gpa_checkpoint(args.original_dir, args.output_dir, args.default_voice, args.lm_only_dir)
+    print(f"wrote {args.output_dir}")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--greedy", action="store_true", help="turn sampling off")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", dest="top_k", type=int)
+    parser.add_argument("--top-p", dest="top_p", type=float)
+    parser.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpa-hf", description="GPA text-to-speech, ASR and voice conversion")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tts = commands.add_parser("tts", help="synthesise speech from text")
+    tts.add_argument("model")
+    tts.add_argument("--text", required=True)
+    tts.add_argument("--voice", help="reference audio or .voice file (default: the model's default voice)")
+    tts.add_argument("--output", required=True)
+    _add_sampling(tts)
+    tts.set_defaults(func=cmd_tts)
+
+    asr = commands.add_parser("asr", help="transcribe audio files (one batch)")
+    asr.add_argument("model")
+    asr.add_argument("audio", nargs="+")
+    asr.add_argument("--json", action="store_true")
+    asr.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    _add_sampling(asr)
+    asr.set_defaults(func=cmd_asr)
+
+    vc = commands.add_parser("vc", help="say the source speech in another voice")
+    vc.add_argument("model")
+    vc.add_argument("--source", required=True)
+    vc.add_argument("--voice", required=True)
+    vc.add_argument("--output", required=True)
+    _add_sampling(vc)
+    vc.set_defaults(func=cmd_vc)
+
+    tokenize = commands.add_parser("tokenize", help="audio -> semantic, global and GLM codebook indices")
+    tokenize.add_argument("model")
+    tokenize.add_argument("audio", nargs="+")
+    tokenize.add_argument("--json", action="store_true")
+    tokenize.set_defaults(func=cmd_tokenize)
+
+    decode = commands.add_parser("decode", help="tokens JSON (from tokenize --json) -> WAV files")
+    decode.add_argument("model")
+    decode.add_argument("tokens")
+    decode.add_argument("--output-dir", dest="output_dir", required=True)
+    decode.set_defaults(func=cmd_decode)
+
+    voice = commands.add_parser("voice", help="save the voice of a recording as a reusable .voice file")
+    voice.add_argument("model")
+    voice.add_argument("audio")
+    voice.add_argument("--output", required=True)
+    voice.set_defaults(func=cmd_voice)
+
+    convert = commands.add_parser("convert", help="published GPA folder -> gpa-hf folder")
+    convert.add_argument("original_dir")
+    convert.add_argument("output_dir")
+    convert.add_argument("--default-voice", dest="default_voice", help="audio or .voice file of the default voice")
+    convert.add_argument("--lm-only-dir", dest="lm_only_dir", help="also write the LM alone as a plain Qwen3 folder")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, CheckpointMismatchError, OSError) as error:
+        print(f"gpa-hf {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

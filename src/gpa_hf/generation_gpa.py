@@ -1,0 +1,86 @@
+"""Per-task generation for GPA: the defaults, the output constraint and the length budget, in one place."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+
+from .configuration_gpa import GpaVocabularyLayout
+
+# Saved into generation_config.json as `task_defaults`; whatever the caller passes to `generate` wins.
+TASK_GENERATION_DEFAULTS: dict[str, dict] = {
+    "asr": {"do_sample": False, "repetition_penalty": 1.0},
+    "tts": {"do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.2},
+    "vc": {"do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.2},
+}
+
+# Length budgets (new tokens), from what the prompt holds. Semantic tokens run at 50/s, GLM tokens at 12.5/s.
+TTS_TOKENS_PER_TEXT_TOKEN = 25  # about 0.5 s of speech per text token, twice a slow speaking rate
+TTS_BASE_TOKENS = 100
+ASR_TOKENS_PER_GLM_TOKEN = 1  # 12.5 text tokens per second of audio
+ASR_BASE_TOKENS = 16
+VC_TOKENS_PER_SOURCE_TOKEN = 2
+VC_BASE_TOKENS = 50
+
+
+def build_generation_config(layout: GpaVocabularyLayout, pad_token_id: int) -> GenerationConfig:
+    """The generation config saved with a GPA model: stop on `<|im_end|>`, the per-task defaults as `task_defaults`.
+
+    Sampling settings live only under `task_defaults`, so that no task inherits another task's.
+    """
+    config = GenerationConfig(eos_token_id=layout.stop, pad_token_id=pad_token_id, do_sample=False)
+    config.task_defaults = TASK_GENERATION_DEFAULTS
+    return config
+
+
+def length_budget(task: str, layout: GpaVocabularyLayout, input_ids: torch.Tensor) -> torch.LongTensor:
+    """New tokens each prompt may need: from the text length (TTS), source duration (VC) or audio duration (ASR)."""
+    if task == "tts":
+        text = (input_ids < layout.text_vocab_size).sum(-1)
+        return TTS_BASE_TOKENS + TTS_TOKENS_PER_TEXT_TOKEN * text
+    semantic = (input_ids >= layout.semantic_offset) & (input_ids < layout.semantic_offset + layout.semantic_size)
+    if task == "vc":
+        return VC_BASE_TOKENS + VC_TOKENS_PER_SOURCE_TOKEN * semantic.sum(-1)
+    glm = (input_ids >= layout.glm_offset) & (input_ids < layout.glm_offset + layout.glm_size)
+    return ASR_BASE_TOKENS + ASR_TOKENS_PER_GLM_TOKEN * glm.sum(-1)
+
+
+def allowed_token_mask(task: str, layout: GpaVocabularyLayout, vocab_size: int) -> torch.BoolTensor:
+    """TTS and VC emit semantic tokens and the stop token; ASR emits text, `<|end_content|>` and the stop token."""
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    if task == "asr":
+        allowed[: layout.text_vocab_size] = True
+        allowed[layout.end_content] = True
+    else:
+        allowed[layout.semantic_offset : layout.semantic_offset + layout.semantic_size] = True
+    allowed[layout.stop] = True
+    return allowed
+
+
+class GpaTaskLogitsProcessor(LogitsProcessor):
+    """Restricts each step to the tokens the task may emit, and stops each row once it has used its budget."""
+
+    def __init__(self, allowed: torch.BoolTensor, stop_token_id: int, prompt_length: int, budgets: torch.Tensor):
+        self.allowed = allowed
+        self.stop_token_id = stop_token_id
+        self.prompt_length = prompt_length
+        self.budgets = budgets
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = self.allowed.to(scores.device)
+        scores = scores.masked_fill(~allowed[: scores.shape[-1]], float("-inf"))
+        exhausted = (input_ids.shape[1] - self.prompt_length) >= self.budgets.to(scores.device)
+        if exhausted.any():
+            forced = torch.full_like(scores[0], float("-inf"))
+            forced[self.stop_token_id] = 0.0
+            scores = torch.where(exhausted[:, None], forced[None], scores)
+        return scores
+
+
+__all__ = [
+    "TASK_GENERATION_DEFAULTS",
+    "GpaTaskLogitsProcessor",
+    "allowed_token_mask",
+    "build_generation_config",
+    "length_budget",
+]

@@ -1,0 +1,233 @@
+"""GPA: one Qwen3 decoder for text-to-speech, speech recognition and voice conversion.
+
+The LM is transformers' own `Qwen3ForCausalLM` (same weights and key names as the published checkpoint, any
+attention backend); the two audio tokenizers are submodules kept in float32. `generate` tokenizes the audio the
+processor prepared, writes the codes into the prompt, applies the task's defaults, output constraint and length
+budget, and can decode the result to audio.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, Qwen3ForCausalLM
+from transformers.utils import ModelOutput
+
+from .configuration_gpa import GpaConfig
+from .generation_gpa import GpaTaskLogitsProcessor, allowed_token_mask, length_budget
+from .modeling_bicodec import BiCodecModel
+from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
+from .processing_gpa import GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
+
+
+@dataclass
+class GpaGenerateOutput(ModelOutput):
+    """
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch_size, length)`): prompts (audio codes filled in) + new tokens.
+        audio (`list[torch.FloatTensor]`): for TTS / VC with `output_audio=True`, one 16 kHz waveform per item,
+            trimmed to its own length (empty where no audio token was produced).
+    """
+
+    sequences: torch.LongTensor | None = None
+    audio: list[torch.FloatTensor] | None = None
+
+
+class GpaForConditionalGeneration(Qwen3ForCausalLM):
+    config: GpaConfig
+    # Audio tokenizers are not part of the LM; they stay float32 whatever dtype the LM is loaded in.
+    _keep_in_fp32_modules_strict = ["bicodec", "speech_tokenizer"]
+
+    def __init__(self, config: GpaConfig):
+        super().__init__(config)
+        if config._attn_implementation not in (None, "eager", "sdpa"):
+            # Flash kernels need half precision; the audio tokenizers run in float32, so they use SDPA.
+            config.bicodec_config._attn_implementation = "sdpa"
+            config.speech_tokenizer_config._attn_implementation = "sdpa"
+        config.bicodec_config.include_semantic_encoder = config.needs_audio_encoders
+        self.bicodec = BiCodecModel(config.bicodec_config)
+        self.speech_tokenizer = (
+            GlmSpeechTokenizerModel(config.speech_tokenizer_config) if "asr" in config.tasks else None
+        )
+        if "asr" not in config.tasks:
+            self._keys_to_ignore_on_load_unexpected = [r"^speech_tokenizer\."]
+        self.post_init()
+        if not config.needs_audio_encoders:
+            self._keys_to_ignore_on_load_unexpected.update([r"^bicodec\.semantic_model\.", r"^bicodec\.encoder\."])
+
+    # ---- audio -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def create_voice(self, reference_values: torch.Tensor) -> list[GpaVoice]:
+        """Voices (global tokens) of speaker reference clips from `processor.feature_extractor.reference_features`."""
+        codes = self.bicodec.encode_speaker(reference_values.to(self.device)).global_codes
+        return [GpaVoice(c.cpu(), self.config.bicodec_config.global_codebook_size) for c in codes]
+
+    @torch.no_grad()
+    def fill_audio_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        audio_input_mask: torch.LongTensor | None = None,
+        source_values: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+        glm_input_features: torch.Tensor | None = None,
+        glm_attention_mask: torch.Tensor | None = None,
+        glm_audio_index: torch.LongTensor | None = None,
+        reference_values: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """Tokenize the processor's audio features and write the codes (as vocabulary ids) into the placeholders."""
+        if audio_input_mask is None or not audio_input_mask.any():
+            return input_ids
+        layout = self.config.layout
+        device = input_ids.device
+        input_ids = input_ids.clone()
+        codes: dict[int, list[torch.Tensor]] = {}
+        if (audio_input_mask == SEMANTIC_PLACEHOLDER).any():
+            if source_values is None:
+                raise ValueError("the prompt has semantic placeholders but no source_values were given")
+            if self.bicodec.semantic_model is None:
+                raise ValueError(
+                    "this model was loaded without the audio encoders (tasks=['tts']); reload with asr/vc"
+                )
+            encoded = self.bicodec.encode(source_values.to(device), source_attention_mask.to(device))
+            codes[SEMANTIC_PLACEHOLDER] = [
+                c[:n] + layout.semantic_offset for c, n in zip(encoded.semantic_codes, encoded.semantic_lengths)
+            ]
+        if (audio_input_mask == GLM_PLACEHOLDER).any():
+            if glm_input_features is None or self.speech_tokenizer is None:
+                raise ValueError("the prompt has GLM placeholders but no GLM features or no speech tokenizer")
+            encoded = self.speech_tokenizer.encode(
+                glm_input_features.to(device), glm_attention_mask.to(device), glm_audio_index
+            )
+            codes[GLM_PLACEHOLDER] = [
+                c[:n] + layout.glm_offset for c, n in zip(encoded.audio_codes, encoded.code_lengths)
+            ]
+        if (audio_input_mask == GLOBAL_PLACEHOLDER).any():
+            if reference_values is None:
+                raise ValueError("the prompt has voice placeholders but no reference_values were given")
+            encoded = self.bicodec.encode_speaker(reference_values.to(device))
+            codes[GLOBAL_PLACEHOLDER] = list(encoded.global_codes + layout.global_offset)
+        for kind, per_item in codes.items():
+            rows = [row for row in range(input_ids.shape[0]) if (audio_input_mask[row] == kind).any()]
+            if len(rows) != len(per_item):
+                raise ValueError(
+                    f"{len(rows)} prompts need audio of kind {kind}, but {len(per_item)} clips were given"
+                )
+            for row, values in zip(rows, per_item):
+                positions = (audio_input_mask[row] == kind).nonzero().squeeze(-1)
+                if positions.numel() != values.numel():
+                    raise ValueError(
+                        f"prompt {row}: {positions.numel()} placeholders of kind {kind}, {values.numel()} codes"
+                    )
+                input_ids[row, positions] = values.to(device)
+        return input_ids
+
+    def infer_task(self, input_ids: torch.LongTensor) -> str:
+        """The task a prompt encodes: GLM tokens -> ASR; voice + source semantic tokens -> VC; voice alone -> TTS."""
+        layout = self.config.layout
+        first = input_ids[0]
+        if (first == layout.start_glm).any():
+            return "asr"
+        if (first == layout.start_semantic).any():
+            return "vc"
+        return "tts"
+
+    @torch.no_grad()
+    def decode_audio(self, sequences: torch.LongTensor, prompt_length: int) -> list[torch.Tensor]:
+        """Waveforms of the semantic tokens generated after `prompt_length`, voiced by each prompt's global tokens."""
+        layout = self.config.layout
+        semantic, voices, empty = [], [], []
+        for row, sequence in enumerate(sequences):
+            prompt, new = sequence[:prompt_length], sequence[prompt_length:]
+            stops = (new == layout.stop).nonzero()
+            new = new[: stops[0, 0]] if stops.numel() else new
+            in_range = (new >= layout.semantic_offset) & (new < layout.semantic_offset + layout.semantic_size)
+            semantic.append(new[in_range] - layout.semantic_offset)
+            is_global = (prompt >= layout.global_offset) & (prompt < layout.global_offset + layout.global_size)
+            voices.append(prompt[is_global] - layout.global_offset)
+            if semantic[-1].numel() == 0:
+                empty.append(row)
+        if empty:
+            warnings.warn(f"requests {empty} produced no audio tokens; their waveforms are empty", stacklevel=2)
+        lengths = torch.tensor([s.numel() for s in semantic], device=sequences.device)
+        if int(lengths.max()) == 0:
+            return [torch.zeros(0) for _ in semantic]
+        padded = torch.nn.utils.rnn.pad_sequence(semantic, batch_first=True)
+        decoded = self.bicodec.decode(padded, torch.stack(voices), lengths)
+        return [audio[:length].float().cpu() for audio, length in zip(decoded.audio_values, decoded.audio_lengths)]
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def task_generation_config(self, task: str, generation_config: GenerationConfig | None, **kwargs) -> dict:
+        """The task's saved defaults, overridden by the caller's generation config, then by explicit kwargs."""
+        base = generation_config or self.generation_config
+        defaults = dict(getattr(self.generation_config, "task_defaults", {}).get(task, {}))
+        if generation_config is not None:
+            defaults.update(generation_config.to_diff_dict())
+        defaults.update(kwargs)
+        values = {**base.to_dict(), **defaults, "task_defaults": None}
+        if not values.get("do_sample", False):  # greedy: sampling settings of other tasks do not apply
+            values.update(temperature=None, top_k=None, top_p=None)
+        return GenerationConfig(**values)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        audio_input_mask: torch.LongTensor | None = None,
+        source_values: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+        glm_input_features: torch.Tensor | None = None,
+        glm_attention_mask: torch.Tensor | None = None,
+        glm_audio_index: torch.LongTensor | None = None,
+        reference_values: torch.Tensor | None = None,
+        task: str | None = None,
+        output_audio: bool = False,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        **kwargs,
+    ):
+        """Generate for a prompt from [`GpaProcessor`]; `generate` kwargs (sampling, `max_new_tokens`...) pass through.
+
+        Args:
+            task: `"tts"`, `"asr"` or `"vc"`; inferred from the prompt when omitted.
+            output_audio: for TTS / VC, return a [`GpaGenerateOutput`] with decoded waveforms.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (build them with GpaProcessor)")
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        input_ids = self.fill_audio_tokens(
+            input_ids,
+            audio_input_mask,
+            source_values,
+            source_attention_mask,
+            glm_input_features,
+            glm_attention_mask,
+            glm_audio_index,
+            reference_values,
+        )
+        task = task or self.infer_task(input_ids)
+        if output_audio and task == "asr":
+            raise ValueError("output_audio=True is for tts and vc; ASR returns text ids")
+        layout = self.config.layout
+        budgets = length_budget(task, layout, input_ids * attention_mask)
+        if kwargs.get("max_new_tokens") is not None:
+            budgets = budgets.clamp(max=kwargs["max_new_tokens"])
+        config = self.task_generation_config(task, generation_config, **kwargs)
+        config.max_new_tokens = int(budgets.max()) + 1
+        config.eos_token_id = layout.stop
+        constraint = GpaTaskLogitsProcessor(
+            allowed_token_mask(task, layout, self.config.vocab_size), layout.stop, input_ids.shape[1], budgets
+        )
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(constraint)
+        outputs = super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+        )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        if not output_audio:
+            return outputs
+        return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
+
+
+__all__ = ["GpaForConditionalGeneration", "GpaGenerateOutput"]

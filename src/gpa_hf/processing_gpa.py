@@ -1,0 +1,262 @@
+"""GpaProcessor: builds the three task prompts (TTS, ASR, VC) as id sequences, and voices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import BatchFeature, ProcessorMixin
+
+from .audio_utils import AudioInput
+from .configuration_gpa import TASKS, GpaVocabularyLayout
+
+DEFAULT_VOICE_FILE = "default_voice.safetensors"
+VOICE_FORMAT = "gpa-voice"
+
+# Values of `audio_input_mask`: which audio codes fill a placeholder position.
+GLM_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GLOBAL_PLACEHOLDER = 1, 2, 3
+
+
+@dataclass
+class GpaVoice:
+    """A reusable voice: the global (speaker) tokens of a reference recording, computed once.
+
+    Save it with `voice.save("alice.voice")` and pass the file, or the object, wherever reference audio is accepted.
+    """
+
+    global_codes: torch.LongTensor
+    codebook_size: int
+
+    def __post_init__(self):
+        self.global_codes = torch.as_tensor(self.global_codes, dtype=torch.long).reshape(-1)
+        if self.global_codes.numel() and (
+            self.global_codes.min() < 0 or self.global_codes.max() >= self.codebook_size
+        ):
+            raise ValueError(f"voice global codes must be in [0, {self.codebook_size})")
+
+    def save(self, path: str | os.PathLike) -> None:
+        metadata = {"format": VOICE_FORMAT, "codebook_size": str(self.codebook_size)}
+        save_file({"global_codes": self.global_codes.contiguous()}, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GpaVoice:
+        try:
+            with safe_open(os.fspath(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != VOICE_FORMAT or "global_codes" not in handle.keys():  # noqa: SIM118
+                    raise ValueError(
+                        f"{path}: not a gpa-hf voice file (expected format={VOICE_FORMAT!r} with 'global_codes', "
+                        f"got metadata {metadata} and tensors {list(handle.keys())})"
+                    )
+                codes = handle.get_tensor("global_codes")
+        except (OSError, RuntimeError, SafetensorError) as error:
+            raise ValueError(f"{path}: not a gpa-hf voice file ({error})") from error
+        return cls(codes, int(metadata["codebook_size"]))
+
+    @staticmethod
+    def is_voice_file(path: str | os.PathLike) -> bool:
+        return str(path).endswith((".voice", ".safetensors"))
+
+
+VoiceInput = GpaVoice | AudioInput
+
+
+class GpaProcessor(ProcessorMixin):
+    r"""
+    Turns text and audio into GPA prompts.
+
+    `processor(task="tts", text=..., voice=...)`, `processor(task="asr", audio=...)` and
+    `processor(task="vc", audio=source, voice=...)` return left-padded `input_ids` in which audio positions are
+    placeholders (`audio_input_mask`: 1 GLM, 2 semantic, 3 global), plus the audio features that
+    [`GpaForConditionalGeneration`] tokenizes and writes into them. Prompts then equal the reference's exactly:
+
+    - ASR: `<start_glm> G <end_glm> <start_semantic> S <end_semantic> <start_content>`
+    - TTS: `<start_global> P <end_global> <start_content> T <end_content>`
+    - VC:  `<start_global> P <end_global> <start_semantic> S <end_semantic> <end_content>`
+
+    User text is encoded with special-token parsing off: a literal `<|end_content|>` in it stays text.
+    """
+
+    def __init__(self, feature_extractor, tokenizer, vocabulary_layout: dict | None = None):
+        super().__init__(feature_extractor, tokenizer)
+        self.vocabulary_layout = vocabulary_layout
+        # Saved beside the processor files as `default_voice.safetensors`.
+        self.default_voice: GpaVoice | None = None
+
+    @property
+    def layout(self) -> GpaVocabularyLayout:
+        if self.vocabulary_layout is None:
+            raise ValueError("this processor has no vocabulary_layout")
+        return GpaVocabularyLayout.from_dict(self.vocabulary_layout)
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text must be a non-empty string, got {text!r}")
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        limit = self.layout.text_vocab_size
+        if any(i >= limit for i in ids):
+            raise ValueError(f"text {text!r} encoded to non-text ids; the tokenizer splits special tokens wrongly")
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """Text of generated ids: only text tokens count (control and audio tokens are dropped)."""
+        limit = self.layout.text_vocab_size
+        return self.tokenizer.decode([int(i) for i in ids if int(i) < limit], skip_special_tokens=True).strip()
+
+    # ---- voices --------------------------------------------------------------------------------------------
+    def load_voice(self, voice: VoiceInput | None) -> GpaVoice | AudioInput:
+        """A `GpaVoice` (given, loaded from a voice file, or the default voice), or audio to take one from."""
+        if voice is None:
+            if self.default_voice is None:
+                raise ValueError("no voice given and this model has no default voice: pass voice=<audio or voice>")
+            return self.default_voice
+        if isinstance(voice, (str, os.PathLike)) and GpaVoice.is_voice_file(voice):
+            loaded = GpaVoice.load(voice)
+            if (
+                loaded.global_codes.numel() != self.num_global_tokens
+                or loaded.codebook_size != self.layout.global_size
+            ):
+                raise ValueError(
+                    f"{voice}: a voice of {loaded.global_codes.numel()} tokens from a {loaded.codebook_size}-code "
+                    f"codebook; this model expects {self.num_global_tokens} tokens from {self.layout.global_size}"
+                )
+            return loaded
+        return voice
+
+    @property
+    def num_global_tokens(self) -> int:
+        return 32 if self.default_voice is None else self.default_voice.global_codes.numel()
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        task: str,
+        text: str | Sequence[str] | None = None,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        voice: VoiceInput | Sequence[VoiceInput] | None = None,
+        sampling_rate: int | None = None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: expected one of {list(TASKS)}")
+        layout = self.layout
+        texts = self._as_list(text)
+        sources = self._as_list(audio)
+        if task == "tts":
+            if not texts:
+                raise ValueError("text-to-speech needs text=")
+            if sources:
+                raise ValueError("text-to-speech takes text= and voice=, not audio=")
+            batch_size = len(texts)
+        else:
+            if not sources:
+                raise ValueError(f"{task} needs audio= (the source speech)")
+            if texts:
+                raise ValueError(f"{task} takes no text=")
+            batch_size = len(sources)
+        data: dict = {}
+        semantic_counts, glm_counts = [], []
+        if sources:
+            features, semantic_counts, glm_counts = self.feature_extractor.source_features(
+                sources, sampling_rate, with_glm=task == "asr"
+            )
+            data.update(features)
+        voices: list = []
+        if task in ("tts", "vc"):
+            voices = self._as_list(voice) or [None]
+            if len(voices) == 1:
+                voices = voices * batch_size
+            if len(voices) != batch_size:
+                raise ValueError(f"got {len(voices)} voices for {batch_size} inputs: give one voice or one per input")
+            voices = [self.load_voice(v) for v in voices]
+            audio_voices = [v for v in voices if not isinstance(v, GpaVoice)]
+            if audio_voices:
+                data["reference_values"] = self.feature_extractor.reference_features(audio_voices, sampling_rate)[
+                    "reference_values"
+                ]
+        sequences, kinds = [], []
+        for index in range(batch_size):
+            parts: list[tuple[list[int], int]] = []
+            if task == "asr":
+                parts += [([layout.start_glm], 0), ([0] * glm_counts[index], GLM_PLACEHOLDER), ([layout.end_glm], 0)]
+            if task in ("tts", "vc"):
+                voice_item = voices[index]
+                if isinstance(voice_item, GpaVoice):
+                    global_part = ((voice_item.global_codes + layout.global_offset).tolist(), 0)
+                else:
+                    global_part = ([0] * self.num_global_tokens, GLOBAL_PLACEHOLDER)
+                parts += [([layout.start_global], 0), global_part, ([layout.end_global], 0)]
+            if task in ("asr", "vc"):
+                parts += [
+                    ([layout.start_semantic], 0),
+                    ([0] * semantic_counts[index], SEMANTIC_PLACEHOLDER),
+                    ([layout.end_semantic], 0),
+                ]
+            if task == "asr":
+                parts.append(([layout.start_content], 0))
+            elif task == "tts":
+                parts += [([layout.start_content], 0), (self.encode_text(texts[index]), 0), ([layout.end_content], 0)]
+            else:
+                parts.append(([layout.end_content], 0))
+            sequences.append([i for ids, _ in parts for i in ids])
+            kinds.append([kind for ids, kind in parts for _ in ids])
+        data.update(self._left_pad(sequences, kinds))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _left_pad(self, sequences: list[list[int]], kinds: list[list[int]]) -> dict[str, np.ndarray]:
+        longest = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.layout.stop
+        input_ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        audio_input_mask = np.zeros_like(input_ids)
+        for row, (ids, kind) in enumerate(zip(sequences, kinds)):
+            input_ids[row, longest - len(ids) :] = ids
+            attention_mask[row, longest - len(ids) :] = 1
+            audio_input_mask[row, longest - len(ids) :] = kind
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "audio_input_mask": audio_input_mask}
+
+    @staticmethod
+    def _as_list(value) -> list:
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        output = super().save_pretrained(save_directory, **kwargs)
+        if self.default_voice is not None:
+            self.default_voice.save(Path(save_directory) / DEFAULT_VOICE_FILE)
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        voice_path = Path(pretrained_model_name_or_path) / DEFAULT_VOICE_FILE
+        if processor.default_voice is None:
+            if voice_path.is_file():
+                processor.default_voice = GpaVoice.load(voice_path)
+            elif not Path(pretrained_model_name_or_path).is_dir():
+                processor.default_voice = cls._download_default_voice(pretrained_model_name_or_path, kwargs)
+        return processor
+
+    @staticmethod
+    def _download_default_voice(repo_id: str, kwargs: dict) -> GpaVoice | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return GpaVoice.load(hf_hub_download(repo_id, DEFAULT_VOICE_FILE, revision=kwargs.get("revision")))
+        except EntryNotFoundError:
+            return None
+
+
+__all__ = ["DEFAULT_VOICE_FILE", "GpaProcessor", "GpaVoice"]

@@ -1,0 +1,284 @@
+"""GPA model, processor, generation, pipelines and conversion on a tiny GPA converted from the fixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import AUDIO, ORIGINAL_CHECKPOINT
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+
+import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
+from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
+from gpa_hf.convert_gpa_original_to_hf import convert_gpa_checkpoint, load_original_gpa
+from gpa_hf.generation_gpa import allowed_token_mask
+from gpa_hf.pipelines import split_sentences
+
+TEXT = "Hello world, this is Major Tom speaking."
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpa")
+    convert_gpa_checkpoint(ORIGINAL_CHECKPOINT, folder, default_voice=str(AUDIO / "astro.wav"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpa(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    return model, GpaProcessor.from_pretrained(converted)
+
+
+def prompt_ids(model, processor, **kwargs) -> torch.Tensor:
+    inputs = processor(**kwargs)
+    return model.fill_audio_tokens(**{k: v for k, v in inputs.items() if k != "attention_mask"})
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    [
+        ("infer_stt", {"task": "asr", "audio": str(AUDIO / "000.wav")}),
+        ("infer_tts", {"task": "tts", "text": TEXT, "voice": str(AUDIO / "astro.wav")}),
+        ("infer_vc", {"task": "vc", "audio": str(AUDIO / "000.wav"), "voice": str(AUDIO / "astro.wav")}),
+    ],
+)
+def test_prompts_equal_reference_sequences(gpa, expected_sequences, case, kwargs):
+    model, processor = gpa
+    assert prompt_ids(model, processor, **kwargs)[0].tolist() == expected_sequences["cases"][case]["input_ids"]
+
+
+def test_saved_voice_gives_the_same_prompt_as_its_audio(gpa, expected_sequences, tmp_path):
+    model, processor = gpa
+    voice = model.create_voice(
+        processor.feature_extractor.reference_features([str(AUDIO / "astro.wav")])["reference_values"]
+    )[0]
+    voice.save(tmp_path / "astro.voice")
+    ids = prompt_ids(model, processor, task="tts", text=TEXT, voice=str(tmp_path / "astro.voice"))
+    assert ids[0].tolist() == expected_sequences["cases"]["infer_tts"]["input_ids"]
+    assert torch.equal(processor.default_voice.global_codes, voice.global_codes)
+
+
+def test_vocabulary_layout_is_resolved_from_the_tokenizer(gpa, expected_sequences):
+    layout = gpa[0].config.layout
+    offsets = expected_sequences["offsets"]
+    assert (layout.glm_offset, layout.global_offset, layout.semantic_offset) == (
+        offsets["glm"],
+        offsets["global"],
+        offsets["semantic"],
+    )
+    assert layout.text_vocab_size == expected_sequences["sizes"]["text_bpe"]
+
+
+def test_control_token_strings_in_user_text_stay_text(gpa):
+    model, processor = gpa
+    layout = model.config.layout
+    ids = processor.encode_text("say <|end_content|> and <|im_end|> now")
+    assert all(i < layout.text_vocab_size for i in ids)
+    assert processor.tokenizer.decode(ids) == "say <|end_content|> and <|im_end|> now"
+
+
+def test_save_pretrained_round_trip_is_exact(gpa, tmp_path):
+    model, processor = gpa
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, GpaForConditionalGeneration) and isinstance(reloaded_processor, GpaProcessor)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(reloaded_processor.default_voice.global_codes, processor.default_voice.global_codes)
+    assert reloaded.generation_config.task_defaults == model.generation_config.task_defaults
+
+
+def test_converted_lm_equals_the_published_lm(converted):
+    """The LM keeps its published key names: a stock Qwen3ForCausalLM of the original folder gives the same logits."""
+    from transformers import Qwen3ForCausalLM
+
+    original = Qwen3ForCausalLM.from_pretrained(ORIGINAL_CHECKPOINT, dtype=torch.float32).eval()
+    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    ids = torch.arange(0, 600, 7)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
+
+
+def test_lm_only_export_loads_as_plain_qwen3(gpa, tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    from gpa_hf.convert_gpa_original_to_hf import save_lm_only
+
+    model, processor = gpa
+    save_lm_only(model, processor, tmp_path)
+    lm = Qwen3ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.arange(0, 600, 11)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, model(ids).logits)
+
+
+def test_eager_and_sdpa_logits_agree(converted):
+    ids = torch.arange(0, 600, 5)[None]
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = GpaForConditionalGeneration.from_pretrained(converted, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            logits[implementation] = model(ids).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_half_precision_load_keeps_codecs_float32(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.bicodec.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.speech_tokenizer.parameters()} == {torch.float32}
+
+
+def test_tts_only_loading_skips_audio_encoders(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted, tasks=["tts"])
+    assert model.speech_tokenizer is None and model.bicodec.semantic_model is None
+
+
+def new_tokens(sequences, prompt_length):
+    return [s[prompt_length:] for s in sequences]
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_greedy_batch_equals_each_item_alone(gpa, task):
+    model, processor = gpa
+    if task == "asr":
+        items = [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")]
+        make = lambda batch: processor(task="asr", audio=batch)  # noqa: E731
+    else:
+        items = [TEXT, "Hi"]
+        make = lambda batch: processor(task="tts", text=batch)  # noqa: E731
+    batch_inputs = make(items)
+    batched = model.generate(**batch_inputs, do_sample=False, max_new_tokens=24)
+    stop = model.config.layout.stop
+    for index, item in enumerate(items):
+        alone_inputs = make([item])
+        alone = model.generate(**alone_inputs, do_sample=False, max_new_tokens=24)[
+            0, alone_inputs["input_ids"].shape[1] :
+        ]
+        together = batched[index, batch_inputs["input_ids"].shape[1] :]
+        alone, together = (
+            alone[alone != processor.tokenizer.pad_token_id],
+            together[together != processor.tokenizer.pad_token_id],
+        )
+        assert torch.equal(alone[: len(together)], together[: len(alone)]), f"{task} item {index}"
+        assert stop in together.tolist() or len(together) == 24
+
+
+@pytest.mark.parametrize("task", ["asr", "tts", "vc"])
+def test_constrained_decoding_never_emits_forbidden_tokens(gpa, task):
+    model, processor = gpa
+    torch.manual_seed(0)
+    kwargs = {"tts": {"text": TEXT}, "asr": {"audio": str(AUDIO / "000.wav")}}.get(task)
+    kwargs = kwargs or {"audio": str(AUDIO / "000.wav"), "voice": str(AUDIO / "astro.wav")}
+    inputs = processor(task=task, **kwargs)
+    sequences = model.generate(**inputs, do_sample=True, temperature=5.0, top_k=0, max_new_tokens=40)
+    allowed = allowed_token_mask(task, model.config.layout, model.config.vocab_size)
+    generated = sequences[:, inputs["input_ids"].shape[1] :]
+    generated = generated[generated != processor.tokenizer.pad_token_id]
+    assert generated.numel() > 0 and allowed[generated].all()
+
+
+def test_length_budget_stops_every_row(gpa):
+    model, processor = gpa
+    inputs = processor(task="tts", text=["Hi", TEXT])
+    sequences = model.generate(**inputs, do_sample=True, temperature=5.0, top_k=0)
+    text_tokens = [len(processor.encode_text(t)) for t in ["Hi", TEXT]]
+    new = sequences[:, inputs["input_ids"].shape[1] :]
+    for row, count in enumerate(text_tokens):
+        produced = (new[row] != processor.tokenizer.pad_token_id).sum().item()
+        assert produced <= 100 + 25 * count + 1
+
+
+def test_waveform_length_is_320_per_semantic_token(gpa):
+    model, processor = gpa
+    inputs = processor(task="tts", text=[TEXT, "Hi"])
+    output = model.generate(**inputs, output_audio=True, max_new_tokens=30, do_sample=True, temperature=1.0)
+    layout = model.config.layout
+    for sequence, audio in zip(output.sequences, output.audio):
+        new = sequence[inputs["input_ids"].shape[1] :]
+        semantic = ((new >= layout.semantic_offset) & (new < layout.semantic_offset + layout.semantic_size)).sum()
+        assert audio.shape == (320 * int(semantic),)
+
+
+def test_caller_sampling_settings_override_task_defaults(gpa):
+    model, _ = gpa
+    config = model.task_generation_config("tts", None, temperature=0.9, top_k=5)
+    assert (config.do_sample, config.temperature, config.top_k, config.repetition_penalty) == (True, 0.9, 5, 1.2)
+    greedy = model.task_generation_config("tts", None, do_sample=False)
+    assert greedy.do_sample is False and greedy.temperature is None
+    assert model.task_generation_config("asr", None).do_sample is False
+
+
+def test_pipelines_return_documented_structures(converted):
+    short = {"max_new_tokens": 12}
+    tts = pipeline("text-to-speech", model=str(converted))
+    speech = tts("Hello world. How are you?", generate_kwargs=short)
+    assert set(speech) == {"audio", "sampling_rate"} and speech["sampling_rate"] == 16000
+    assert speech["audio"].dtype == np.float32 and speech["audio"].ndim == 1
+    batch = tts(["Hi", "Hello"], batch_size=2, voice=str(AUDIO / "000.wav"), generate_kwargs=short)
+    assert len(batch) == 2 and all(set(b) == {"audio", "sampling_rate"} for b in batch)
+    asr = pipeline("automatic-speech-recognition", model=str(converted))
+    assert set(asr(str(AUDIO / "000.wav"), generate_kwargs=short)) == {"text"}
+    assert [set(r) for r in asr([str(AUDIO / "000.wav")] * 2, batch_size=2, generate_kwargs=short)] == [{"text"}] * 2
+    vc = pipeline("voice-conversion", model=str(converted))
+    converted_speech = vc(str(AUDIO / "000.wav"), voice=str(AUDIO / "astro.wav"), generate_kwargs=short)
+    assert converted_speech["sampling_rate"] == 16000 and converted_speech["audio"].ndim == 1
+    both = vc([str(AUDIO / "000.wav")] * 2, voice=str(AUDIO / "astro.wav"), batch_size=2, generate_kwargs=short)
+    assert len(both) == 2
+
+
+def test_split_sentences_keeps_all_text():
+    text = "First sentence. Second one! Third? " * 20
+    pieces = split_sentences(text, max_characters=60)
+    assert all(len(p) <= 60 for p in pieces)
+    assert " ".join(pieces).split() == text.split()
+    assert split_sentences("你好。今天天气很好。", 4) == ["你好。", "今天天气很好。"]
+
+
+def test_bad_input_gets_clear_errors(gpa, converted, tmp_path):
+    model, processor = gpa
+    with pytest.raises(ValueError, match="non-empty string"):
+        processor(task="tts", text="   ")
+    with pytest.raises(ValueError, match="no such file"):
+        processor(task="asr", audio=str(tmp_path / "missing.wav"))
+    bad_voice = tmp_path / "bad.voice"
+    bad_voice.write_bytes(b"not a voice")
+    with pytest.raises(ValueError, match="not a gpa-hf voice file"):
+        processor(task="tts", text="Hi", voice=str(bad_voice))
+    wrong = tmp_path / "wrong.voice"
+    from safetensors.torch import save_file
+
+    save_file({"codes": torch.zeros(32, dtype=torch.long)}, wrong)
+    with pytest.raises(ValueError, match="not a gpa-hf voice file"):
+        GpaVoice.load(wrong)
+    with pytest.raises(ValueError, match="unknown task"):
+        processor(task="translate", text="Hi")
+    with pytest.raises(ValueError, match="takes no text"):
+        processor(task="asr", audio=str(AUDIO / "000.wav"), text="Hi")
+    with pytest.raises(ValueError, match="unknown arguments"):
+        pipeline("text-to-speech", model=str(converted))("Hi", speed=2)
+    with pytest.raises(ValueError, match="output_audio=True is for tts and vc"):
+        model.generate(**processor(task="asr", audio=str(AUDIO / "000.wav")), output_audio=True)
+
+
+def test_empty_generation_gives_empty_waveform_and_warning(gpa):
+    model, processor = gpa
+    stop = model.config.layout.stop
+
+    def stop_at_once(input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, stop] = 0.0
+        return forced
+
+    inputs = processor(task="tts", text=["Hi", "Hello"])
+    with pytest.warns(UserWarning, match="no audio tokens"):
+        output = model.generate(**inputs, output_audio=True, logits_processor=[stop_at_once])
+    assert [a.numel() for a in output.audio] == [0, 0]
+
+
+def test_original_layout_loads_directly():
+    model, processor = load_original_gpa(ORIGINAL_CHECKPOINT, tasks=["tts"])
+    assert model.bicodec.semantic_model is None and model.speech_tokenizer is None
+    assert processor.layout.stop == 402

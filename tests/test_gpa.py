@@ -282,3 +282,21 @@ def test_original_layout_loads_directly():
     model, processor = load_original_gpa(ORIGINAL_CHECKPOINT, tasks=["tts"])
     assert model.bicodec.semantic_model is None and model.speech_tokenizer is None
     assert processor.layout.stop == 402
+
+
+def test_static_cache_generation_equals_dynamic(gpa):
+    model, processor = gpa
+    inputs = processor(task="tts", text=[TEXT, "Hi"])
+    dynamic = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+    static = model.generate(**inputs, do_sample=False, max_new_tokens=12, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
+def test_gradient_checkpointing_training_step(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted, tasks=["tts"])
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.arange(400, 600, 3)[None]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].mlp.up_proj.weight.grad is not None

@@ -17,7 +17,7 @@ from .configuration_gpa import GpaConfig
 from .generation_gpa import GpaTaskLogitsProcessor, allowed_token_mask, length_budget
 from .modeling_bicodec import BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
-from .processing_gpa import GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
+from .processing_gpa import AUDIO_INPUT_NAMES, GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
 
 
 @dataclass
@@ -174,12 +174,6 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         audio_input_mask: torch.LongTensor | None = None,
-        source_values: torch.Tensor | None = None,
-        source_attention_mask: torch.Tensor | None = None,
-        glm_input_features: torch.Tensor | None = None,
-        glm_attention_mask: torch.Tensor | None = None,
-        glm_audio_index: torch.LongTensor | None = None,
-        reference_values: torch.Tensor | None = None,
         task: str | None = None,
         output_audio: bool = False,
         generation_config: GenerationConfig | None = None,
@@ -189,6 +183,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         """Generate for a prompt from [`GpaProcessor`]; `generate` kwargs (sampling, `max_new_tokens`...) pass through.
 
         Args:
+            audio_input_mask: the processor's placeholder map; the audio features it names (`source_values`,
+                `glm_input_features`, `reference_values`, ...) come in `kwargs` as the processor returned them.
             task: `"tts"`, `"asr"` or `"vc"`; inferred from the prompt when omitted.
             output_audio: for TTS / VC, return a [`GpaGenerateOutput`] with decoded waveforms.
         """
@@ -196,16 +192,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        input_ids = self.fill_audio_tokens(
-            input_ids,
-            audio_input_mask,
-            source_values,
-            source_attention_mask,
-            glm_input_features,
-            glm_attention_mask,
-            glm_audio_index,
-            reference_values,
-        )
+        audio_inputs = {name: kwargs.pop(name) for name in AUDIO_INPUT_NAMES if name in kwargs}
+        input_ids = self.fill_audio_tokens(input_ids, audio_input_mask, **audio_inputs)
         task = task or self.infer_task(input_ids)
         if output_audio and task == "asr":
             raise ValueError("output_audio=True is for tts and vc; ASR returns text ids")

@@ -21,6 +21,15 @@ VOICE_FORMAT = "gpa-voice"
 
 # Values of `audio_input_mask`: which audio codes fill a placeholder position.
 GLM_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GLOBAL_PLACEHOLDER = 1, 2, 3
+# The audio features a prompt's placeholders are filled from (see `GpaForConditionalGeneration.fill_audio_tokens`).
+AUDIO_INPUT_NAMES = (
+    "source_values",
+    "source_attention_mask",
+    "glm_input_features",
+    "glm_attention_mask",
+    "glm_audio_index",
+    "reference_values",
+)
 
 
 @dataclass

@@ -33,16 +33,19 @@ def build_generation_config(layout: GpaVocabularyLayout, pad_token_id: int) -> G
     return config
 
 
-def length_budget(task: str, layout: GpaVocabularyLayout, input_ids: torch.Tensor) -> torch.LongTensor:
+def length_budget(
+    task: str, layout: GpaVocabularyLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.LongTensor:
     """New tokens each prompt may need: from the text length (TTS), source duration (VC) or audio duration (ASR)."""
+    valid = attention_mask.bool()
     if task == "tts":
-        text = (input_ids < layout.text_vocab_size).sum(-1)
+        text = ((input_ids < layout.text_vocab_size) & valid).sum(-1)
         return TTS_BASE_TOKENS + TTS_TOKENS_PER_TEXT_TOKEN * text
-    semantic = (input_ids >= layout.semantic_offset) & (input_ids < layout.semantic_offset + layout.semantic_size)
     if task == "vc":
-        return VC_BASE_TOKENS + VC_TOKENS_PER_SOURCE_TOKEN * semantic.sum(-1)
+        semantic = (input_ids >= layout.semantic_offset) & (input_ids < layout.semantic_offset + layout.semantic_size)
+        return VC_BASE_TOKENS + VC_TOKENS_PER_SOURCE_TOKEN * (semantic & valid).sum(-1)
     glm = (input_ids >= layout.glm_offset) & (input_ids < layout.glm_offset + layout.glm_size)
-    return ASR_BASE_TOKENS + ASR_TOKENS_PER_GLM_TOKEN * glm.sum(-1)
+    return ASR_BASE_TOKENS + ASR_TOKENS_PER_GLM_TOKEN * (glm & valid).sum(-1)
 
 
 def allowed_token_mask(task: str, layout: GpaVocabularyLayout, vocab_size: int) -> torch.BoolTensor:

@@ -198,7 +198,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if output_audio and task == "asr":
             raise ValueError("output_audio=True is for tts and vc; ASR returns text ids")
         layout = self.config.layout
-        budgets = length_budget(task, layout, input_ids * attention_mask)
+        budgets = length_budget(task, layout, input_ids, attention_mask)
         if kwargs.get("max_new_tokens") is not None:
             budgets = budgets.clamp(max=kwargs["max_new_tokens"])
         config = self.task_generation_config(task, generation_config, **kwargs)

@@ -39,6 +39,7 @@ def _generate_kwargs(args) -> dict:
 
 
 def _run_task(args, task: str, **processor_kwargs):
+    """Build the prompt; print it (`--dry-run`) or generate. Returns (model, generate output), or None on a dry run."""
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
     model, processor = load_gpa(args.model, tasks=[task])
@@ -47,23 +48,26 @@ def _run_task(args, task: str, **processor_kwargs):
         filled = model.fill_audio_tokens(**{k: v for k, v in inputs.items() if k != "attention_mask"})
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(filled, inputs["attention_mask"])]
         print(json.dumps({"input_ids": prompts[0] if len(prompts) == 1 else prompts}))
-        return None, None, None
-    output = model.generate(**inputs, task=task, output_audio=task != "asr", **_generate_kwargs(args))
-    return model, processor, (output, inputs["input_ids"].shape[1])
+        return None
+    return model, model.generate(**inputs, task=task, output_audio=task != "asr", **_generate_kwargs(args))
+
+
+def _speak(args, task: str, **processor_kwargs) -> None:
+    """Run a TTS or VC request and write its waveform to `args.output`."""
+    result = _run_task(args, task, **processor_kwargs)
+    if result is not None:
+        model, output = result
+        rate = model.config.sampling_rate
+        write_wav(args.output, output.audio[0], rate)
+        print(f"wrote {args.output} ({output.audio[0].numel() / rate:.2f} s)")
 
 
 def cmd_tts(args) -> None:
-    model, _, result = _run_task(args, "tts", text=args.text, voice=args.voice)
-    if result is not None:
-        write_wav(args.output, result[0].audio[0], model.config.sampling_rate)
-        print(f"wrote {args.output} ({result[0].audio[0].numel() / model.config.sampling_rate:.2f} s)")
+    _speak(args, "tts", text=args.text, voice=args.voice)
 
 
 def cmd_vc(args) -> None:
-    model, _, result = _run_task(args, "vc", audio=args.source, voice=args.voice)
-    if result is not None:
-        write_wav(args.output, result[0].audio[0], model.config.sampling_rate)
-        print(f"wrote {args.output} ({result[0].audio[0].numel() / model.config.sampling_rate:.2f} s)")
+    _speak(args, "vc", audio=args.source, voice=args.voice)
 
 
 def cmd_asr(args) -> None:

@@ -252,6 +252,7 @@ def load_original_bicodec(
         hop_length=config.hop_length,
         reference_length=config.reference_length,
         volume_normalize=config.volume_normalize,
+        volume_coefficient=config.volume_coefficient,
     )
     return model, feature_extractor
 

@@ -96,16 +96,7 @@ def load_original_gpa(
         model.speech_tokenizer.float()
     model.generation_config = build_generation_config(layout, tokenizer.pad_token_id)
     model.eval()
-    feature_extractor = GpaFeatureExtractor(
-        sampling_rate=bicodec_features.sampling_rate,
-        hop_length=bicodec_features.hop_length,
-        reference_length=bicodec_features.reference_length,
-        volume_normalize=bicodec_features.volume_normalize,
-        glm_feature_size=glm_features.feature_size,
-        glm_hop_length=glm_features.hop_length,
-        glm_n_fft=glm_features.n_fft,
-        glm_chunk_length=glm_features.chunk_length,
-    )
+    feature_extractor = GpaFeatureExtractor.from_codec_feature_extractors(bicodec_features, glm_features)
     processor = GpaProcessor(feature_extractor, tokenizer, vocabulary_layout=layout.to_dict())
     return model, processor
 

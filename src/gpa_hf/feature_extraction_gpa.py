@@ -64,6 +64,24 @@ class GpaFeatureExtractor(SequenceFeatureExtractor):
             pad_to_multiple_of=glm_pad_to_multiple_of,
         )
 
+    @classmethod
+    def from_codec_feature_extractors(
+        cls, bicodec: BiCodecFeatureExtractor, glm: GlmSpeechTokenizerFeatureExtractor
+    ) -> GpaFeatureExtractor:
+        """Combine the front ends of the two audio tokenizers, keeping every setting of each."""
+        return cls(
+            sampling_rate=bicodec.sampling_rate,
+            hop_length=bicodec.hop_length,
+            reference_length=bicodec.reference_length,
+            volume_normalize=bicodec.volume_normalize,
+            volume_coefficient=bicodec.volume_coefficient,
+            glm_feature_size=glm.feature_size,
+            glm_hop_length=glm.hop_length,
+            glm_n_fft=glm.n_fft,
+            glm_chunk_length=glm.chunk_length,
+            glm_pad_to_multiple_of=glm.pad_to_multiple_of,
+        )
+
     def to_dict(self) -> dict:
         output = super().to_dict()
         output.pop("bicodec", None)

@@ -46,3 +46,21 @@ def glm_tokenizer():
     from gpa_hf.convert_codecs import load_original_glm_tokenizer
 
     return load_original_glm_tokenizer(ORIGINAL_CHECKPOINT / "glm-4-voice-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """The fixture checkpoint converted to a gpa-hf folder, with astro.wav as its default voice."""
+    from gpa_hf.convert_gpa_original_to_hf import convert_gpa_checkpoint
+
+    folder = tmp_path_factory.mktemp("gpa")
+    convert_gpa_checkpoint(ORIGINAL_CHECKPOINT, folder, default_voice=str(AUDIO / "astro.wav"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpa(converted):
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+
+    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    return model, GpaProcessor.from_pretrained(converted)

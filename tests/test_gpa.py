@@ -10,24 +10,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
-from gpa_hf.convert_gpa_original_to_hf import convert_gpa_checkpoint, load_original_gpa
+from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.generation_gpa import allowed_token_mask
 from gpa_hf.pipelines import split_sentences
 
 TEXT = "Hello world, this is Major Tom speaking."
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpa")
-    convert_gpa_checkpoint(ORIGINAL_CHECKPOINT, folder, default_voice=str(AUDIO / "astro.wav"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def gpa(converted):
-    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
-    return model, GpaProcessor.from_pretrained(converted)
 
 
 def prompt_ids(model, processor, **kwargs) -> torch.Tensor:
@@ -294,7 +281,7 @@ def test_static_cache_generation_equals_dynamic(gpa):
 
 def test_gradient_checkpointing_training_step(converted):
     model = GpaForConditionalGeneration.from_pretrained(converted, tasks=["tts"])
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     ids = torch.arange(400, 600, 3)[None]
     loss = model(input_ids=ids, labels=ids).loss

@@ -13,6 +13,7 @@ from .audio_utils import load_audio, write_wav
 from .configuration_bicodec import BiCodecConfig
 from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
 from .configuration_gpa import GpaConfig, GpaVocabularyLayout
+from .data_gpa import GpaDataCollator, PreparationReport, load_jsonl_dataset, prepare_dataset
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
 from .feature_extraction_gpa import GpaFeatureExtractor
@@ -46,13 +47,17 @@ __all__ = [
     "GlmSpeechTokenizerModel",
     "GlmSpeechTokenizerOutput",
     "GpaConfig",
+    "GpaDataCollator",
     "GpaFeatureExtractor",
     "GpaForConditionalGeneration",
     "GpaGenerateOutput",
     "GpaProcessor",
     "GpaVocabularyLayout",
     "GpaVoice",
+    "PreparationReport",
     "load_audio",
+    "load_jsonl_dataset",
+    "prepare_dataset",
     "write_wav",
 ]
 

@@ -22,6 +22,10 @@ AudioInput = str | os.PathLike | np.ndarray | torch.Tensor | Mapping[str, Any]
 RESAMPLE_QUALITY = "VHQ"
 
 
+class MissingAudioError(ValueError):
+    """An audio path that names no file."""
+
+
 def _describe(audio: Any) -> str:
     if isinstance(audio, (str, os.PathLike)):
         return f"file {os.fspath(audio)!r}"
@@ -44,7 +48,7 @@ def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
 
 def _read_file(source: Any, name: str, start_time: float | None, end_time: float | None) -> tuple[np.ndarray, int]:
     if isinstance(source, str) and not os.path.isfile(source):
-        raise ValueError(f"{name}: no such file")
+        raise MissingAudioError(f"{name}: no such file")
     try:
         info = sf.info(source)
         if isinstance(source, io.BytesIO):

@@ -1,4 +1,4 @@
-"""`gpa-hf`: the everyday jobs from the shell (tokenize, decode, tts, asr, vc, voice, convert)."""
+"""`gpa-hf`: the everyday jobs from the shell (tts, asr, vc, voice, tokenize, decode, prepare-data, eval, convert)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .audio_utils import write_wav
 from .configuration_gpa import TASKS
 from .convert_codecs import CheckpointMismatchError
+from .data_gpa import DEFAULT_MAX_LENGTH
 
 
 def load_gpa(model_path: str, tasks=TASKS):
@@ -163,7 +164,63 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.output_dir}")
 
 
-def _add_sampling(parser: argparse.ArgumentParser) -> None:
+def _load_rows(data: str):
+    """Data rows from a reference-format jsonl file or a `datasets.save_to_disk` folder."""
+    from .data_gpa import load_jsonl_dataset
+
+    if Path(data).is_dir():
+        from datasets import load_from_disk
+
+        return load_from_disk(data)
+    return load_jsonl_dataset(data)
+
+
+def cmd_prepare_data(args) -> None:
+    from .data_gpa import prepare_dataset
+
+    dataset = _load_rows(args.data)
+    model, processor = load_gpa(args.model)
+    prepared, report = prepare_dataset(
+        dataset, model, processor, max_length=args.max_length, batch_size=args.batch_size, cache_dir=args.cache_dir
+    )
+    print(report)
+    if report.num_kept == 0:
+        raise ValueError(f"{args.data}: no row could be prepared")
+    prepared.save_to_disk(args.output_dir)
+    (Path(args.output_dir) / "preparation_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    print(f"wrote {args.output_dir} ({report.num_kept} rows)")
+
+
+def cmd_eval(args) -> None:
+    from .evaluation_gpa import TransformersSpeakerEmbedder, evaluate_gpa, write_report
+
+    rows = list(_load_rows(args.data))
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    tasks = [args.task] if args.task == "asr" or args.asr_model else [args.task, "asr"]
+    model, processor = load_gpa(args.model, tasks=tasks)
+    embedder = TransformersSpeakerEmbedder(args.speaker_model, model.device) if args.speaker_model else None
+    report = evaluate_gpa(
+        model,
+        processor,
+        rows,
+        args.task,
+        batch_size=args.batch_size,
+        asr_model=args.asr_model,
+        speaker_embedder=embedder,
+        generate_kwargs=_generate_kwargs(args),
+        audio_dir=args.audio_dir,
+    )
+    report["model"] = args.model
+    report["data"] = args.data
+    plot = write_report(report, args.output)
+    print(json.dumps(report["metrics"], ensure_ascii=False))
+    print(f"wrote {args.output} and {plot} ({report['num_items']} items)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--greedy", action="store_true", help="turn sampling off")
     parser.add_argument("--temperature", type=float)
@@ -171,7 +228,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", dest="top_p", type=float)
     parser.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     voice.add_argument("audio")
     voice.add_argument("--output", required=True)
     voice.set_defaults(func=cmd_voice)
+
+    prepare = commands.add_parser("prepare-data", help="tokenize a jsonl data file into a training dataset")
+    prepare.add_argument("model")
+    prepare.add_argument("data", help="reference-format .jsonl (paths relative to it) or a datasets folder")
+    prepare.add_argument("output_dir", help="written with datasets' save_to_disk")
+    prepare.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    prepare.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    prepare.add_argument("--cache-dir", dest="cache_dir", help="tokenization cache (default: the datasets cache)")
+    prepare.set_defaults(func=cmd_prepare_data)
+
+    evaluate = commands.add_parser("eval", help="measure ASR error rates, TTS intelligibility or VC similarity")
+    evaluate.add_argument("model")
+    evaluate.add_argument("data", help="reference-format .jsonl (paths relative to it) or a datasets folder")
+    evaluate.add_argument("--task", required=True, choices=["asr", "tts", "vc"])
+    evaluate.add_argument("--output", required=True, help="JSON report; a PNG plot is written beside it")
+    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    evaluate.add_argument("--asr-model", dest="asr_model", help="transformers ASR model for TTS (default: GPA's own)")
+    evaluate.add_argument(
+        "--speaker-model", dest="speaker_model", help="transformers x-vector model (default: BiCodec speaker encoder)"
+    )
+    evaluate.add_argument("--audio-dir", dest="audio_dir", help="also write the synthesised audio here")
+    _add_sampling(evaluate, dry_run=False)
+    evaluate.set_defaults(func=cmd_eval)
 
     convert = commands.add_parser("convert", help="published GPA folder -> gpa-hf folder")
     convert.add_argument("original_dir")

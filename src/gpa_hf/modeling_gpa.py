@@ -63,49 +63,68 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         return [GpaVoice(c.cpu(), self.config.bicodec_config.global_codebook_size) for c in codes]
 
     @torch.no_grad()
-    def fill_audio_tokens(
+    def audio_token_ids(
         self,
-        input_ids: torch.LongTensor,
-        audio_input_mask: torch.LongTensor | None = None,
         source_values: torch.Tensor | None = None,
         source_attention_mask: torch.Tensor | None = None,
         glm_input_features: torch.Tensor | None = None,
         glm_attention_mask: torch.Tensor | None = None,
         glm_audio_index: torch.LongTensor | None = None,
         reference_values: torch.Tensor | None = None,
-    ) -> torch.LongTensor:
-        """Tokenize the processor's audio features and write the codes (as vocabulary ids) into the placeholders."""
-        if audio_input_mask is None or not audio_input_mask.any():
-            return input_ids
+    ) -> dict[int, list[torch.LongTensor]]:
+        """Tokenize the processor's audio features into vocabulary ids, one tensor per clip.
+
+        Returns a dict keyed by placeholder kind (`SEMANTIC_PLACEHOLDER`, `GLM_PLACEHOLDER`, `GLOBAL_PLACEHOLDER`)
+        holding the ids of whichever inputs were given.
+        """
         layout = self.config.layout
-        device = input_ids.device
-        input_ids = input_ids.clone()
-        codes: dict[int, list[torch.Tensor]] = {}
-        if (audio_input_mask == SEMANTIC_PLACEHOLDER).any():
-            if source_values is None:
-                raise ValueError("the prompt has semantic placeholders but no source_values were given")
+        ids: dict[int, list[torch.Tensor]] = {}
+        if source_values is not None:
             if self.bicodec.semantic_model is None:
                 raise ValueError(
                     "this model was loaded without the audio encoders (tasks=['tts']); reload with asr/vc"
                 )
-            encoded = self.bicodec.encode(source_values.to(device), source_attention_mask.to(device))
-            codes[SEMANTIC_PLACEHOLDER] = [
+            mask = None if source_attention_mask is None else source_attention_mask.to(self.device)
+            encoded = self.bicodec.encode(source_values.to(self.device), mask)
+            ids[SEMANTIC_PLACEHOLDER] = [
                 c[:n] + layout.semantic_offset for c, n in zip(encoded.semantic_codes, encoded.semantic_lengths)
             ]
-        if (audio_input_mask == GLM_PLACEHOLDER).any():
-            if glm_input_features is None or self.speech_tokenizer is None:
-                raise ValueError("the prompt has GLM placeholders but no GLM features or no speech tokenizer")
-            encoded = self.speech_tokenizer.encode(
-                glm_input_features.to(device), glm_attention_mask.to(device), glm_audio_index
-            )
-            codes[GLM_PLACEHOLDER] = [
+        if glm_input_features is not None:
+            if self.speech_tokenizer is None:
+                raise ValueError("this model was loaded without the GLM speech tokenizer (tasks without 'asr')")
+            mask = None if glm_attention_mask is None else glm_attention_mask.to(self.device)
+            encoded = self.speech_tokenizer.encode(glm_input_features.to(self.device), mask, glm_audio_index)
+            ids[GLM_PLACEHOLDER] = [
                 c[:n] + layout.glm_offset for c, n in zip(encoded.audio_codes, encoded.code_lengths)
             ]
-        if (audio_input_mask == GLOBAL_PLACEHOLDER).any():
-            if reference_values is None:
-                raise ValueError("the prompt has voice placeholders but no reference_values were given")
-            encoded = self.bicodec.encode_speaker(reference_values.to(device))
-            codes[GLOBAL_PLACEHOLDER] = list(encoded.global_codes + layout.global_offset)
+        if reference_values is not None:
+            encoded = self.bicodec.encode_speaker(reference_values.to(self.device))
+            ids[GLOBAL_PLACEHOLDER] = list(encoded.global_codes + layout.global_offset)
+        return ids
+
+    @torch.no_grad()
+    def fill_audio_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        audio_input_mask: torch.LongTensor | None = None,
+        **audio_inputs: torch.Tensor,
+    ) -> torch.LongTensor:
+        """Tokenize the processor's audio features (`AUDIO_INPUT_NAMES`) and write the ids into the placeholders."""
+        if audio_input_mask is None or not audio_input_mask.any():
+            return input_ids
+        unknown = set(audio_inputs) - set(AUDIO_INPUT_NAMES)
+        if unknown:
+            raise TypeError(f"unexpected audio inputs {sorted(unknown)}: expected some of {list(AUDIO_INPUT_NAMES)}")
+        audio_input_mask = audio_input_mask.to(input_ids.device)
+        for kind, name in (
+            (SEMANTIC_PLACEHOLDER, "source_values"),
+            (GLM_PLACEHOLDER, "glm_input_features"),
+            (GLOBAL_PLACEHOLDER, "reference_values"),
+        ):
+            if (audio_input_mask == kind).any() and audio_inputs.get(name) is None:
+                raise ValueError(f"the prompt has placeholders of kind {kind} but no {name} were given")
+        codes = self.audio_token_ids(**audio_inputs)
+        input_ids = input_ids.clone()
         for kind, per_item in codes.items():
             rows = [row for row in range(input_ids.shape[0]) if (audio_input_mask[row] == kind).any()]
             if len(rows) != len(per_item):
@@ -118,7 +137,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                     raise ValueError(
                         f"prompt {row}: {positions.numel()} placeholders of kind {kind}, {values.numel()} codes"
                     )
-                input_ids[row, positions] = values.to(device)
+                input_ids[row, positions] = values.to(input_ids.device)
         return input_ids
 
     def infer_task(self, input_ids: torch.LongTensor) -> str:

@@ -104,6 +104,11 @@ class GpaProcessor(ProcessorMixin):
             raise ValueError("this processor has no vocabulary_layout")
         return GpaVocabularyLayout.from_dict(self.vocabulary_layout)
 
+    @property
+    def pad_token_id(self) -> int:
+        """Written into padding positions (always masked): the tokenizer's pad token, else `<|im_end|>`."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.layout.stop
+
     # ---- text ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
@@ -192,37 +197,90 @@ class GpaProcessor(ProcessorMixin):
                 ]
         sequences, kinds = [], []
         for index in range(batch_size):
-            parts: list[tuple[list[int], int]] = []
+            glm = semantic = voice_part = None
             if task == "asr":
-                parts += [([layout.start_glm], 0), ([0] * glm_counts[index], GLM_PLACEHOLDER), ([layout.end_glm], 0)]
+                glm = ([0] * glm_counts[index], GLM_PLACEHOLDER)
+            if task in ("asr", "vc"):
+                semantic = ([0] * semantic_counts[index], SEMANTIC_PLACEHOLDER)
             if task in ("tts", "vc"):
                 voice_item = voices[index]
                 if isinstance(voice_item, GpaVoice):
-                    global_part = ((voice_item.global_codes + layout.global_offset).tolist(), 0)
+                    voice_part = ((voice_item.global_codes + layout.global_offset).tolist(), 0)
                 else:
-                    global_part = ([0] * self.num_global_tokens, GLOBAL_PLACEHOLDER)
-                parts += [([layout.start_global], 0), global_part, ([layout.end_global], 0)]
-            if task in ("asr", "vc"):
-                parts += [
-                    ([layout.start_semantic], 0),
-                    ([0] * semantic_counts[index], SEMANTIC_PLACEHOLDER),
-                    ([layout.end_semantic], 0),
-                ]
-            if task == "asr":
-                parts.append(([layout.start_content], 0))
-            elif task == "tts":
-                parts += [([layout.start_content], 0), (self.encode_text(texts[index]), 0), ([layout.end_content], 0)]
-            else:
-                parts.append(([layout.end_content], 0))
+                    voice_part = ([0] * self.num_global_tokens, GLOBAL_PLACEHOLDER)
+            text_ids = self.encode_text(texts[index]) if task == "tts" else None
+            parts = self._prompt_parts(task, text_ids, glm, voice_part, semantic)
             sequences.append([i for ids, _ in parts for i in ids])
             kinds.append([kind for ids, kind in parts for _ in ids])
         data.update(self._left_pad(sequences, kinds))
         return BatchFeature(data, tensor_type=return_tensors)
 
+    def _prompt_parts(
+        self,
+        task: str,
+        text_ids: list[int] | None,
+        glm: tuple[list[int], int] | None,
+        voice: tuple[list[int], int] | None,
+        semantic: tuple[list[int], int] | None,
+    ) -> list[tuple[list[int], int]]:
+        """The task's prompt as (ids, placeholder kind) parts; audio parts are codes (kind 0) or placeholders."""
+        layout = self.layout
+        parts: list[tuple[list[int], int]] = []
+        if task == "asr":
+            parts += [([layout.start_glm], 0), glm, ([layout.end_glm], 0)]
+        if task in ("tts", "vc"):
+            parts += [([layout.start_global], 0), voice, ([layout.end_global], 0)]
+        if task in ("asr", "vc"):
+            parts += [([layout.start_semantic], 0), semantic, ([layout.end_semantic], 0)]
+        if task == "asr":
+            parts.append(([layout.start_content], 0))
+        elif task == "tts":
+            parts += [([layout.start_content], 0), (text_ids, 0), ([layout.end_content], 0)]
+        else:
+            parts.append(([layout.end_content], 0))
+        return parts
+
+    def training_example(
+        self,
+        task: str,
+        text: str | None = None,
+        glm_ids: Sequence[int] | None = None,
+        semantic_ids: Sequence[int] | None = None,
+        global_ids: Sequence[int] | None = None,
+        target_ids: Sequence[int] | None = None,
+    ) -> dict[str, list[int]]:
+        """One training sequence and its labels, from audio already turned into vocabulary ids.
+
+        The prompt is the inference prompt of `__call__`; the target follows it and ends with `<|im_end|>`:
+        ASR learns `text <end_content> <im_end>`, TTS and VC learn `target_ids <im_end>` (semantic ids of the
+        target speech). Labels are -100 on the prompt, so only the target is learnt.
+        """
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: expected one of {list(TASKS)}")
+        layout = self.layout
+        needed = {"asr": ("glm_ids", "semantic_ids", "text"), "tts": ("global_ids", "text", "target_ids")}
+        needed["vc"] = ("global_ids", "semantic_ids", "target_ids")
+        given = {"text": text, "glm_ids": glm_ids, "semantic_ids": semantic_ids}
+        given.update(global_ids=global_ids, target_ids=target_ids)
+        missing = [name for name in needed[task] if given[name] is None or len(given[name]) == 0]
+        if missing:
+            raise ValueError(f"a {task} training example needs {', '.join(missing)}")
+        text_ids = self.encode_text(text) if text is not None else None
+        parts = self._prompt_parts(
+            task,
+            text_ids if task == "tts" else None,
+            (list(glm_ids), 0) if glm_ids is not None else None,
+            (list(global_ids), 0) if global_ids is not None else None,
+            (list(semantic_ids), 0) if semantic_ids is not None else None,
+        )
+        prompt = [i for ids, _ in parts for i in ids]
+        target = [*text_ids, layout.end_content] if task == "asr" else list(target_ids)
+        target.append(layout.stop)
+        return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
     def _left_pad(self, sequences: list[list[int]], kinds: list[list[int]]) -> dict[str, np.ndarray]:
         longest = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.layout.stop
-        input_ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+        input_ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros_like(input_ids)
         audio_input_mask = np.zeros_like(input_ids)
         for row, (ids, kind) in enumerate(zip(sequences, kinds)):

@@ -1,0 +1,272 @@
+"""Training data preparation, the collator, a Trainer step, evaluation metrics and the prepare-data / eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jiwer
+import pytest
+import soundfile as sf
+import torch
+from conftest import AUDIO, ORIGINAL_CHECKPOINT, SHARED_DATA
+
+from gpa_hf.cli import main
+from gpa_hf.data_gpa import (
+    GpaDataCollator,
+    GpaTrainingDataBuilder,
+    PreparationReport,
+    load_jsonl_dataset,
+    prepare_dataset,
+)
+from gpa_hf.evaluation_gpa import GpaErrorRate, error_rate, evaluate_gpa, normalize_text, write_report
+
+TEXT = "Hello world, this is Major Tom speaking."
+SAMPLE_JSONL = SHARED_DATA / "merged_shuffled_train.jsonl"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
+    return path
+
+
+def fixture_rows() -> list[dict]:
+    """The clips and text of the reference's train_* sequences (a = 000.wav, b = astro.wav)."""
+    a, b = str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")
+    return [
+        {"task": "stt", "audio": a, "text": TEXT},
+        {"task": "tts-a", "audio": a, "ref_audio": b, "text": TEXT},
+        {"task": "vc", "audio": a, "ref_audio": b, "vc_audio": b},
+    ]
+
+
+def require_sample_data() -> None:
+    assert SAMPLE_JSONL.is_file(), f"{SAMPLE_JSONL} is missing: these tests need ../shared/data beside the repository"
+
+
+def test_prepared_sequences_equal_reference_training_sequences(gpa, expected_sequences, tmp_path):
+    model, processor = gpa
+    dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows()))
+    prepared, report = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "cache")
+    assert report.num_skipped == 0 and prepared["task"] == ["asr", "tts", "vc"]
+    for row, case in zip(prepared, ("train_stt", "train_tts", "train_vc")):
+        assert row["input_ids"] == expected_sequences["cases"][case]["input_ids"], case
+        assert row["labels"] == expected_sequences["cases"][case]["labels"], case
+
+
+def test_relative_paths_and_segments_from_a_jsonl_file(gpa, tmp_path):
+    model, processor = gpa
+    samples, rate = sf.read(AUDIO / "astro.wav", dtype="float32")
+    sf.write(tmp_path / "long.wav", samples, rate)
+    rows = [
+        {"task": "stt", "audio": "long.wav", "text": TEXT, "begin_time": -1, "end_time": -1},
+        {"task": "stt", "audio": "long.wav", "text": TEXT, "begin_time": 1.0, "end_time": 2.5},
+    ]
+    prepared, _ = prepare_dataset(
+        load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", rows)), model, processor, cache_dir=tmp_path / "c"
+    )
+    layout = model.config.layout
+    start, stop = layout.semantic_offset, layout.semantic_offset + layout.semantic_size
+    semantic = [sum(start <= i < stop for i in ids) for ids in prepared["input_ids"]]
+    features = processor.feature_extractor
+    assert semantic == [features.semantic_length(len(samples)), features.semantic_length(round(1.5 * rate))]
+
+
+def test_sample_jsonl_prepares_and_reports_missing_files(gpa, tmp_path):
+    require_sample_data()
+    model, processor = gpa
+    dataset = load_jsonl_dataset(SAMPLE_JSONL)
+    prepared, report = prepare_dataset(dataset, model, processor, max_length=100_000, cache_dir=tmp_path / "cache")
+    assert report.skipped == {"asr": {"missing audio file": 7}}
+    assert report.kept == {"asr": 26, "tts": 20}
+    assert len(prepared) == 46
+    # Kept rows keep their input order: the ASR targets are the transcripts of the rows whose file exists.
+    kept = [row["text"].strip() for row in dataset if row["task"] == "stt" and Path(row["audio"]).is_file()]
+    targets = [[i for i, label in zip(r["input_ids"], r["labels"]) if label != -100] for r in prepared]
+    assert [processor.decode_text(t) for t, r in zip(targets, prepared) if r["task"] == "asr"] == kept
+    assert "missing audio file" in str(report)
+
+    # A second run reads the cache: the tokenizer is never called.
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    original = GpaTrainingDataBuilder._tokenize
+    GpaTrainingDataBuilder._tokenize = fail
+    try:
+        again, again_report = prepare_dataset(
+            dataset, model, processor, max_length=100_000, cache_dir=tmp_path / "cache"
+        )
+    finally:
+        GpaTrainingDataBuilder._tokenize = original
+    assert again["input_ids"] == prepared["input_ids"] and again_report.to_dict() == report.to_dict()
+
+
+def test_rows_that_cannot_be_used_are_counted_not_cut(gpa, tmp_path):
+    model, processor = gpa
+    a = str(AUDIO / "000.wav")
+    rows = [
+        {"task": "stt", "audio": a, "text": TEXT},
+        {"task": "stt", "audio": str(tmp_path / "gone.wav"), "text": TEXT},
+        {"task": "stt", "audio": str(write_jsonl(tmp_path / "x.jsonl", [{}])), "text": TEXT},
+        {"task": "translate", "audio": a, "text": TEXT},
+        {"task": "stt", "audio": a, "text": "  "},
+        {"task": "tts-a", "audio": a, "text": TEXT * 20},
+    ]
+    dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", rows))
+    prepared, report = prepare_dataset(dataset, model, processor, max_length=200, cache_dir=tmp_path / "cache")
+    assert len(prepared) == 1 and all(len(ids) <= 200 for ids in prepared["input_ids"])
+    assert report.skipped["asr"] == {"missing audio file": 1, "unreadable audio": 1, "empty text": 1}
+    assert report.skipped["translate"] == {"unknown task (expected one of ['asr', 'stt', 'tts', 'tts-a', 'vc'])": 1}
+    assert report.skipped["tts"] == {"longer than max_length (200 tokens)": 1}
+
+
+def test_datasets_audio_column_gives_the_same_sequences(gpa, tmp_path):
+    from datasets import Audio, Dataset
+
+    model, processor = gpa
+    rows = fixture_rows()[:2]
+    expected, _ = prepare_dataset(
+        load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", rows)), model, processor, cache_dir=tmp_path / "c1"
+    )
+    dataset = Dataset.from_dict({"audio": [r["audio"] for r in rows], "text": [TEXT, TEXT]})
+    dataset = dataset.cast_column("audio", Audio(sampling_rate=16000))
+    dataset = dataset.add_column("ref_audio", ["", rows[1]["ref_audio"]])
+    dataset = dataset.add_column("task", ["asr", "tts"])
+    prepared, _ = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "c2")
+    assert prepared["input_ids"] == expected["input_ids"] and prepared["labels"] == expected["labels"]
+    with pytest.raises(ValueError, match="no 'task' column"):
+        prepare_dataset(dataset.remove_columns("task"), model, processor, cache_dir=tmp_path / "c3")
+
+
+def test_collator_pads_right_with_masked_labels():
+    collator = GpaDataCollator(pad_token_id=7, pad_to_multiple_of=4)
+    batch = collator([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7], [4, 7, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [4, -100, -100, -100]]
+    with pytest.raises(ValueError, match="differ in length"):
+        collator([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_trainer_step_on_a_tiny_model(converted, tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    from finetune import build_trainer
+
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+
+    model = GpaForConditionalGeneration.from_pretrained(converted)
+    processor = GpaProcessor.from_pretrained(converted)
+    dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows() * 2))
+    prepared, _ = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "cache")
+    bicodec_weights = {k: v.clone() for k, v in model.bicodec.state_dict().items()}
+    lm_before = model.model.embed_tokens.weight.detach().clone()
+    trainer = build_trainer(
+        model,
+        processor,
+        prepared,
+        str(tmp_path / "out"),
+        eval_fraction=0.2,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    assert len(trainer.eval_dataset) == 1 and len(trainer.train_dataset) == 5
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert not torch.equal(model.model.embed_tokens.weight, lm_before)
+    assert all(torch.equal(v, model.bicodec.state_dict()[k]) for k, v in bicodec_weights.items())
+
+
+def test_error_rates_match_hand_computed_values():
+    # "the cat sat" vs "the cat sit down": one substitution + one insertion over 3 words.
+    assert error_rate(["The cat, sat!"], ["the cat sit down"], "word") == pytest.approx(2 / 3)
+    # Corpus rate: (2 + 0) edits over (3 + 2) words.
+    assert error_rate(["the cat sat", "hello world"], ["the cat sit down", "Hello, world."], "word") == 0.4
+    # CJK: spaces and punctuation are dropped; one substitution in four characters.
+    assert error_rate(["今天 天气，好。"], ["今天天汽好"], "char") == pytest.approx(1 / 5)
+    assert normalize_text("  Ｈｅｌｌｏ,  WORLD!! ") == "hello world"
+    metric = GpaErrorRate()
+    assert metric.compute(predictions=["a b"], references=["a c"], unit="word") == {"wer": 0.5}
+    assert jiwer.wer("a c", "a b") == 0.5
+    with pytest.raises(ValueError, match="empty after normalisation"):
+        error_rate(["?!"], ["x"], "word")
+
+
+def test_asr_and_tts_evaluation_reports(gpa, tmp_path):
+    model, processor = gpa
+    rows = [
+        {"task": "stt", "audio": str(AUDIO / "000.wav"), "text": TEXT},
+        {"task": "stt", "audio": str(tmp_path / "missing.wav"), "text": TEXT},
+    ]
+    report = evaluate_gpa(model, processor, rows, "asr", generate_kwargs={"max_new_tokens": 8})
+    assert report["num_items"] == 1 and report["skipped"] == {"stt": {"missing audio file": 1}}
+    item = report["items"][0]
+    assert item["wer"] == error_rate([TEXT], [item["prediction"]], "word") == report["metrics"]["wer"]
+    tts = evaluate_gpa(
+        model, processor, rows[:1], "tts", generate_kwargs={"max_new_tokens": 20}, audio_dir=tmp_path / "wav"
+    )
+    assert 0 < tts["items"][0]["duration_s"] <= 21 * 320 / 16000
+    assert -1 <= tts["metrics"]["speaker_similarity"] <= 1
+    assert (tmp_path / "wav" / "00000.wav").is_file()
+    plot = write_report(tts, tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["task"] == "tts"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vc_evaluation_compares_target_and_source_similarity(gpa):
+    model, processor = gpa
+    rows = [{"task": "vc", "audio": str(AUDIO / "000.wav"), "ref_audio": str(AUDIO / "astro.wav")}]
+    report = evaluate_gpa(model, processor, rows, "vc", generate_kwargs={"max_new_tokens": 20})
+    item = report["items"][0]
+    assert item["closer_to_target"] == (item["similarity_to_target"] > item["similarity_to_source"])
+    assert report["metrics"]["closer_to_target_rate"] == float(item["closer_to_target"])
+
+
+def test_prepare_data_and_eval_commands(tmp_path, capsys):
+    from datasets import load_from_disk
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [*fixture_rows(), {"task": "stt", "audio": "nope.wav", "text": "x"}])
+    output = tmp_path / "prepared"
+    code = main(["prepare-data", str(ORIGINAL_CHECKPOINT), str(data), str(output), "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    assert "skipped 1: missing audio file" in capsys.readouterr().out
+    prepared = load_from_disk(str(output))
+    assert prepared.column_names == ["task", "input_ids", "labels"] and len(prepared) == 3
+    nothing = write_jsonl(tmp_path / "bad.jsonl", [{"task": "stt", "audio": "nope.wav", "text": "x"}])
+    assert main(["prepare-data", str(ORIGINAL_CHECKPOINT), str(nothing), str(tmp_path / "p2")]) == 1
+    assert "no row could be prepared" in capsys.readouterr().err
+
+    report_path = tmp_path / "asr.json"
+    args = ["eval", str(ORIGINAL_CHECKPOINT), str(data), "--task", "asr", "--output", str(report_path)]
+    assert main([*args, "--max-new-tokens", "4"]) == 0
+    report = json.loads(report_path.read_text())
+    # Every row with audio and a transcript is an ASR item: the stt row and the tts-a row; the others are counted.
+    assert report["num_items"] == 2
+    assert report["skipped"] == {"stt": {"missing audio file": 1}, "vc": {"empty text": 1}}
+    assert set(report["items"][0]) >= {"reference", "prediction", "cer", "wer"}
+    assert report_path.with_suffix(".png").is_file()
+
+
+def test_bad_jsonl_gets_a_clear_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"task": "stt", "audio": "a.wav"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
+        load_jsonl_dataset(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="no such data file"):
+        load_jsonl_dataset(tmp_path / "none.jsonl")
+
+
+def test_report_counts_by_task_and_reason():
+    report = PreparationReport.from_columns(["asr", "asr", "tts"], ["", "missing audio file", ""])
+    assert report.to_dict() == {
+        "kept": {"asr": 1, "tts": 1},
+        "skipped": {"asr": {"missing audio file": 1}},
+        "num_kept": 2,
+        "num_skipped": 1,
+    }
+    assert "asr: kept 1" in str(report) and "skipped 1: missing audio file" in str(report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -67,6 +68,18 @@ def test_tts_asr_vc_and_voice_commands(converted_folder, tmp_path, capsys):
     capsys.readouterr()
     assert main(["asr", model, CLIP_000, CLIP_ASTRO, "--json", "--max-new-tokens", "4"]) == 0
     assert list(json.loads(capsys.readouterr().out)) == [CLIP_000, CLIP_ASTRO]
+
+
+def test_streaming_tts_writes_the_same_audio(converted_folder, tmp_path, capsys):
+    model = str(converted_folder)
+    args = ["tts", model, "--text", "Hello there", "--greedy", "--max-new-tokens", "40"]
+    assert main([*args, "--output", str(tmp_path / "offline.wav")]) == 0
+    assert main([*args, "--stream", "--output", str(tmp_path / "stream.wav")]) == 0
+    assert "first audio after" in capsys.readouterr().out
+    offline, _ = sf.read(tmp_path / "offline.wav")
+    streamed, rate = sf.read(tmp_path / "stream.wav")
+    assert rate == 16000 and streamed.shape == offline.shape
+    assert 10 * np.log10(np.sum(offline**2) / np.sum((offline - streamed) ** 2)) > 30
 
 
 def test_errors_exit_non_zero_without_traceback(converted_folder, tmp_path, capsys):

@@ -153,6 +153,28 @@ def test_greedy_batch_equals_each_item_alone(gpa, task):
         assert stop in together.tolist() or len(together) == 24
 
 
+@pytest.mark.parametrize("task", ["tts", "vc"])
+def test_allowed_rows_output_gives_the_same_tokens_and_scores(gpa, task):
+    model, processor = gpa
+    kwargs = {"text": [TEXT, "Hi"]} if task == "tts" else {"audio": [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")]}
+    inputs = processor(task=task, **kwargs)
+    results = []
+    for restrict in (True, False):
+        torch.manual_seed(3)
+        results.append(
+            model.generate(
+                **inputs, max_new_tokens=30, restrict_output=restrict, output_scores=True, return_dict_in_generate=True
+            )
+        )
+    fast, full = results
+    assert torch.equal(fast.sequences, full.sequences)
+    for fast_scores, full_scores in zip(fast.scores, full.scores):
+        finite = torch.isfinite(full_scores)
+        assert torch.equal(finite, torch.isfinite(fast_scores))
+        torch.testing.assert_close(fast_scores[finite], full_scores[finite])
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the full output layer is back after generation
+
+
 @pytest.mark.parametrize("task", ["asr", "tts", "vc"])
 def test_constrained_decoding_never_emits_forbidden_tokens(gpa, task):
     model, processor = gpa
@@ -287,3 +309,28 @@ def test_gradient_checkpointing_training_step(converted):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("task", ["tts", "vc"])
+def test_streamed_chunks_join_to_the_offline_waveform(gpa, task):
+    model, processor = gpa
+    kwargs = {"text": TEXT} if task == "tts" else {"audio": str(AUDIO / "000.wav")}
+    inputs = processor(task=task, voice=str(AUDIO / "astro.wav"), **kwargs)
+    offline = model.generate(**inputs, do_sample=False, max_new_tokens=120, output_audio=True).audio[0]
+    chunks = list(
+        model.generate_stream(**inputs, do_sample=False, max_new_tokens=120, first_chunk_tokens=7, chunk_tokens=25)
+    )
+    hop = model.config.bicodec_config.hop_length
+    assert chunks[0].numel() == 7 * hop and all(c.numel() == 25 * hop for c in chunks[1:-1])
+    joined = torch.cat(chunks)
+    assert joined.numel() == offline.numel()  # no sample repeated or missing at the boundaries
+    snr = 10 * torch.log10(offline.pow(2).sum() / (offline - joined).pow(2).sum())
+    assert snr > 30
+
+
+def test_stream_rejects_batches_and_asr(gpa):
+    model, processor = gpa
+    with pytest.raises(ValueError, match="one prompt"):
+        next(model.generate_stream(**processor(task="tts", text=[TEXT, "Hi"])))
+    with pytest.raises(ValueError, match="tts and vc"):
+        next(model.generate_stream(**processor(task="asr", audio=str(AUDIO / "000.wav"))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,13 +55,37 @@ def _run_task(args, task: str, **processor_kwargs):
 
 
 def _speak(args, task: str, **processor_kwargs) -> None:
-    """Run a TTS or VC request and write its waveform to `args.output`."""
+    """Run a TTS or VC request and write its waveform to `args.output` (as it is generated with `--stream`)."""
+    if getattr(args, "stream", False) and not args.dry_run:
+        _stream(args, task, **processor_kwargs)
+        return
     result = _run_task(args, task, **processor_kwargs)
     if result is not None:
         model, output = result
         rate = model.config.sampling_rate
         write_wav(args.output, output.audio[0], rate)
         print(f"wrote {args.output} ({output.audio[0].numel() / rate:.2f} s)")
+
+
+def _stream(args, task: str, **processor_kwargs) -> None:
+    import soundfile as sf
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, processor = load_gpa(args.model, tasks=[task])
+    rate = model.config.sampling_rate
+    started = time.perf_counter()
+    inputs = processor(task=task, **processor_kwargs)
+    samples, first_chunk_s = 0, None
+    with sf.SoundFile(args.output, "w", samplerate=rate, channels=1, subtype="FLOAT") as output:
+        for chunk in model.generate_stream(**inputs, task=task, **_generate_kwargs(args)):
+            if first_chunk_s is None:
+                first_chunk_s = time.perf_counter() - started
+            output.write(chunk.numpy())
+            output.flush()
+            samples += chunk.numel()
+    first = f", first audio after {first_chunk_s:.2f} s" if first_chunk_s is not None else ""
+    print(f"wrote {args.output} ({samples / rate:.2f} s{first})")
 
 
 def cmd_tts(args) -> None:
@@ -241,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--text", required=True)
     tts.add_argument("--voice", help="reference audio or .voice file (default: the model's default voice)")
     tts.add_argument("--output", required=True)
+    tts.add_argument("--stream", action="store_true", help="write audio chunks to --output as they are generated")
     _add_sampling(tts)
     tts.set_defaults(func=cmd_tts)
 
@@ -257,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--source", required=True)
     vc.add_argument("--voice", required=True)
     vc.add_argument("--output", required=True)
+    vc.add_argument("--stream", action="store_true", help="write audio chunks to --output as they are generated")
     _add_sampling(vc)
     vc.set_defaults(func=cmd_vc)
 

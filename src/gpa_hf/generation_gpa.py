@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+
 import torch
+from torch import nn
 from transformers import GenerationConfig, LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
 
 from .configuration_gpa import GpaVocabularyLayout
 
@@ -80,9 +84,64 @@ class GpaTaskLogitsProcessor(LogitsProcessor):
         return scores
 
 
+class GpaAllowedRowsHead(nn.Module):
+    """Output layer for constrained decoding: multiplies only the rows a task may emit; the others are -inf.
+
+    TTS and VC may emit 8,193 of the ~180k rows, so a decoding step reads 4% of the output layer instead of all of
+    it (the output layer is about 30% of the published LM's weights). The logits of the allowed rows are exactly
+    those of the full layer, so outputs do not change.
+    """
+
+    def __init__(self, lm_head: nn.Linear, allowed: torch.BoolTensor):
+        super().__init__()
+        rows = allowed[: lm_head.out_features].nonzero().squeeze(-1).to(lm_head.weight.device)
+        self.vocab_size = lm_head.out_features
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("weight", lm_head.weight.detach()[rows].contiguous(), persistent=False)
+        bias = None if lm_head.bias is None else lm_head.bias.detach()[rows].contiguous()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        allowed_logits = nn.functional.linear(hidden_states, self.weight, self.bias)
+        logits = allowed_logits.new_full((*hidden_states.shape[:-1], self.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, self.rows, allowed_logits)
+
+
+class GpaTokenQueueStreamer(BaseStreamer):
+    """Hands the tokens `generate` produces (one batch row) to another thread, through a queue.
+
+    `generate` first puts the prompt, which is skipped; `None` marks the end. Iterate to read the new ids.
+    """
+
+    def __init__(self, timeout: float | None = None):
+        self.queue: queue.Queue = queue.Queue()
+        self.timeout = timeout
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1)[:1].tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (ids := self.queue.get(timeout=self.timeout)) is not None:
+            yield from ids
+
+
+# Below this share of allowed rows, computing only those rows pays off (ASR allows ~85% of them: not worth it).
+ALLOWED_ROWS_MAX_FRACTION = 0.5
+
+
 __all__ = [
+    "ALLOWED_ROWS_MAX_FRACTION",
     "TASK_GENERATION_DEFAULTS",
+    "GpaAllowedRowsHead",
     "GpaTaskLogitsProcessor",
+    "GpaTokenQueueStreamer",
     "allowed_token_mask",
     "build_generation_config",
     "length_budget",

@@ -6,7 +6,10 @@ processor prepared, writes the codes into the prompt, applies the task's default
 budget, and can decode the result to audio.
 """
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +17,14 @@ from transformers import GenerationConfig, LogitsProcessorList, Qwen3ForCausalLM
 from transformers.utils import ModelOutput
 
 from .configuration_gpa import GpaConfig
-from .generation_gpa import GpaTaskLogitsProcessor, allowed_token_mask, length_budget
+from .generation_gpa import (
+    ALLOWED_ROWS_MAX_FRACTION,
+    GpaAllowedRowsHead,
+    GpaTaskLogitsProcessor,
+    GpaTokenQueueStreamer,
+    allowed_token_mask,
+    length_budget,
+)
 from .modeling_bicodec import BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
 from .processing_gpa import AUDIO_INPUT_NAMES, GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
@@ -175,6 +185,22 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         return [audio[:length].float().cpu() for audio, length in zip(decoded.audio_values, decoded.audio_lengths)]
 
     # ---- generation ------------------------------------------------------------------------------------
+    @contextmanager
+    def allowed_rows_output(self, allowed: torch.BoolTensor) -> Iterator[None]:
+        """Within this block, the output layer computes only the `allowed` rows (others are -inf).
+
+        Used by `generate` when a task constrains its output; do not train inside it.
+        """
+        if allowed.float().mean() > ALLOWED_ROWS_MAX_FRACTION:
+            yield
+            return
+        full_head = self.lm_head
+        self.lm_head = GpaAllowedRowsHead(full_head, allowed)
+        try:
+            yield
+        finally:
+            self.lm_head = full_head
+
     def task_generation_config(self, task: str, generation_config: GenerationConfig | None, **kwargs) -> dict:
         """The task's saved defaults, overridden by the caller's generation config, then by explicit kwargs."""
         base = generation_config or self.generation_config
@@ -197,6 +223,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         output_audio: bool = False,
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
+        streamer=None,
+        restrict_output: bool = True,
         **kwargs,
     ):
         """Generate for a prompt from [`GpaProcessor`]; `generate` kwargs (sampling, `max_new_tokens`...) pass through.
@@ -206,6 +234,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 `glm_input_features`, `reference_values`, ...) come in `kwargs` as the processor returned them.
             task: `"tts"`, `"asr"` or `"vc"`; inferred from the prompt when omitted.
             output_audio: for TTS / VC, return a [`GpaGenerateOutput`] with decoded waveforms.
+            streamer: a `transformers` streamer; it receives the new token ids as they are generated.
+            restrict_output: compute logits only for the rows the task may emit (TTS / VC); same outputs, faster.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")
@@ -223,18 +253,96 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         config = self.task_generation_config(task, generation_config, **kwargs)
         config.max_new_tokens = int(budgets.max()) + 1
         config.eos_token_id = layout.stop
-        constraint = GpaTaskLogitsProcessor(
-            allowed_token_mask(task, layout, self.config.vocab_size), layout.stop, input_ids.shape[1], budgets
-        )
+        allowed = allowed_token_mask(task, layout, self.config.vocab_size)
+        constraint = GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets)
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(constraint)
-        outputs = super().generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
-        )
+        with self.allowed_rows_output(allowed) if restrict_output else nullcontext():
+            outputs = super().generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                streamer=streamer,
+            )
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         if not output_audio:
             return outputs
         return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
+
+    # ---- streaming -------------------------------------------------------------------------------------
+    def generate_stream(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        audio_input_mask: torch.LongTensor | None = None,
+        first_chunk_tokens: int = 10,
+        chunk_tokens: int = 50,
+        left_context: int = 24,
+        right_context: int = 16,
+        **kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """Text-to-speech or voice conversion of one prompt, yielding 16 kHz audio chunks while the LM generates.
+
+        Each chunk is decoded from a window of semantic tokens with `left_context` tokens before it and
+        `right_context` after it, so that the joined chunks equal the waveform of one decode of all tokens (the
+        decoder's influence falls below -100 dB within 20 tokens), with no sample repeated or missing. The first
+        chunk covers `first_chunk_tokens` tokens, for a short time to first audio; later chunks `chunk_tokens`.
+        Other kwargs (sampling settings, `max_new_tokens`, `task`, the processor's audio features) go to
+        `generate`.
+        """
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"generate_stream takes one prompt, got a batch of {input_ids.shape[0]}")
+        if min(first_chunk_tokens, chunk_tokens) < 1 or min(left_context, right_context) < 0:
+            raise ValueError("chunk sizes must be >= 1 and contexts >= 0")
+        audio_inputs = {name: kwargs.pop(name) for name in AUDIO_INPUT_NAMES if name in kwargs}
+        input_ids = self.fill_audio_tokens(input_ids.to(self.device), audio_input_mask, **audio_inputs)
+        task = kwargs.pop("task", None) or self.infer_task(input_ids)
+        if task == "asr":
+            raise ValueError("generate_stream is for tts and vc")
+        layout = self.config.layout
+        prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
+        voice = prompt[(prompt >= layout.global_offset) & (prompt < layout.global_offset + layout.global_size)]
+        voice = (voice - layout.global_offset).unsqueeze(0)
+        streamer = GpaTokenQueueStreamer(timeout=kwargs.pop("stream_timeout", None))
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(input_ids, attention_mask, task=task, streamer=streamer, **kwargs)
+            except BaseException as error:  # re-raised in the caller's thread below
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        codes: list[int] = []
+        emitted = 0
+        for token in streamer:
+            if token == layout.stop:
+                break
+            if layout.semantic_offset <= token < layout.semantic_offset + layout.semantic_size:
+                codes.append(token - layout.semantic_offset)
+            size = first_chunk_tokens if emitted == 0 else chunk_tokens
+            if len(codes) >= emitted + size + right_context:
+                yield self._decode_window(codes, voice, emitted, emitted + size, left_context, right_context)
+                emitted += size
+        worker.join()
+        if failure:
+            raise failure[0]
+        if len(codes) > emitted:
+            yield self._decode_window(codes, voice, emitted, len(codes), left_context, right_context)
+
+    @torch.no_grad()
+    def _decode_window(
+        self, codes: list[int], voice: torch.Tensor, start: int, stop: int, left_context: int, right_context: int
+    ) -> torch.Tensor:
+        """Audio of tokens [start, stop), decoded with up to `left_context` / `right_context` tokens around them."""
+        first = max(0, start - left_context)
+        window = torch.tensor([codes[first : stop + right_context]], device=self.device)
+        audio = self.bicodec.decode(window, voice).audio_values[0]
+        hop = self.config.bicodec_config.hop_length
+        return audio[(start - first) * hop : (stop - first) * hop].float().cpu()
 
 
 __all__ = ["GpaForConditionalGeneration", "GpaGenerateOutput"]

@@ -334,3 +334,19 @@ def test_stream_rejects_batches_and_asr(gpa):
         next(model.generate_stream(**processor(task="tts", text=[TEXT, "Hi"])))
     with pytest.raises(ValueError, match="tts and vc"):
         next(model.generate_stream(**processor(task="asr", audio=str(AUDIO / "000.wav"))))
+
+
+def test_dynamic_int8_lm_keeps_codecs_float32_and_logits_close(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    processor = GpaProcessor.from_pretrained(converted)
+    inputs = processor(task="tts", text=TEXT)
+    ids = model.fill_audio_tokens(inputs["input_ids"], inputs["audio_input_mask"])
+    with torch.no_grad():
+        reference = model(ids).logits[0, -1]
+        model.quantize_lm_dynamic_int8()
+        quantized = model(ids).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(reference, quantized, dim=0) > 0.99
+    assert type(model.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+    assert model.bicodec.dtype == torch.float32 and isinstance(model.lm_head, torch.nn.Linear)
+    output = model.generate(**inputs, max_new_tokens=5, output_audio=True)
+    assert output.audio[0].dtype == torch.float32

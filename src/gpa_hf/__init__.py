@@ -14,6 +14,7 @@ from .configuration_bicodec import BiCodecConfig
 from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
 from .configuration_gpa import GpaConfig, GpaVocabularyLayout
 from .data_gpa import GpaDataCollator, PreparationReport, load_jsonl_dataset, prepare_dataset
+from .default_model import DEFAULT_MODEL
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
 from .feature_extraction_gpa import GpaFeatureExtractor
@@ -37,6 +38,7 @@ AutoProcessor.register(GpaConfig, GpaProcessor, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MODEL",
     "BiCodecConfig",
     "BiCodecDecoderOutput",
     "BiCodecEncoderOutput",

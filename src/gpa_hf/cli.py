@@ -15,6 +15,23 @@ from .audio_utils import write_wav
 from .configuration_gpa import TASKS
 from .convert_codecs import CheckpointMismatchError
 from .data_gpa import DEFAULT_MAX_LENGTH
+from .default_model import DEFAULT_MODEL
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff"}
+MODEL_HELP = f"gpa-hf folder, Hub id or published-layout folder (default: the embedded gpa-tiny, {DEFAULT_MODEL})"
+
+
+def _split_model(values: list[str], files: str) -> tuple[str, list[str]]:
+    """`[MODEL] FILE...`: the first value is the model when it is a folder, or no file and not audio (a Hub id)."""
+    first = values[0]
+    names_model = Path(first).is_dir() or (
+        not Path(first).exists() and Path(first).suffix.lower() not in AUDIO_SUFFIXES
+    )
+    if len(values) > 1 and names_model:
+        return first, values[1:]
+    if len(values) == 1 and Path(first).is_dir():
+        raise ValueError(f"{first} is a folder: give the {files} after the model")
+    return DEFAULT_MODEL, values
 
 
 def load_gpa(model_path: str, tasks=TASKS):
@@ -262,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tts = commands.add_parser("tts", help="synthesise speech from text")
-    tts.add_argument("model")
+    tts.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     tts.add_argument("--text", required=True)
     tts.add_argument("--voice", help="reference audio or .voice file (default: the model's default voice)")
     tts.add_argument("--output", required=True)
@@ -271,15 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     tts.set_defaults(func=cmd_tts)
 
     asr = commands.add_parser("asr", help="transcribe audio files (one batch)")
-    asr.add_argument("model")
-    asr.add_argument("audio", nargs="+")
+    asr.add_argument("audio", nargs="+", metavar="[MODEL] AUDIO", help=f"audio files, after an optional {MODEL_HELP}")
     asr.add_argument("--json", action="store_true")
     asr.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     _add_sampling(asr)
     asr.set_defaults(func=cmd_asr)
 
     vc = commands.add_parser("vc", help="say the source speech in another voice")
-    vc.add_argument("model")
+    vc.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     vc.add_argument("--source", required=True)
     vc.add_argument("--voice", required=True)
     vc.add_argument("--output", required=True)
@@ -288,20 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     vc.set_defaults(func=cmd_vc)
 
     tokenize = commands.add_parser("tokenize", help="audio -> semantic, global and GLM codebook indices")
-    tokenize.add_argument("model")
-    tokenize.add_argument("audio", nargs="+")
+    tokenize.add_argument(
+        "audio", nargs="+", metavar="[MODEL] AUDIO", help=f"audio files, after an optional {MODEL_HELP}"
+    )
     tokenize.add_argument("--json", action="store_true")
     tokenize.set_defaults(func=cmd_tokenize)
 
     decode = commands.add_parser("decode", help="tokens JSON (from tokenize --json) -> WAV files")
-    decode.add_argument("model")
-    decode.add_argument("tokens")
+    decode.add_argument(
+        "tokens", nargs="+", metavar="[MODEL] TOKENS", help=f"tokens JSON, after an optional {MODEL_HELP}"
+    )
     decode.add_argument("--output-dir", dest="output_dir", required=True)
     decode.set_defaults(func=cmd_decode)
 
     voice = commands.add_parser("voice", help="save the voice of a recording as a reusable .voice file")
-    voice.add_argument("model")
-    voice.add_argument("audio")
+    voice.add_argument(
+        "audio", nargs="+", metavar="[MODEL] AUDIO", help=f"a recording, after an optional {MODEL_HELP}"
+    )
     voice.add_argument("--output", required=True)
     voice.set_defaults(func=cmd_voice)
 
@@ -341,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("asr", "tokenize", "voice"):
+            args.model, args.audio = _split_model(args.audio, "audio files")
+        elif args.command == "decode":
+            args.model, args.tokens = _split_model(args.tokens, "tokens JSON")
+        if args.command in ("voice", "decode"):
+            given = args.audio if args.command == "voice" else args.tokens
+            if len(given) != 1:
+                raise ValueError(f"{args.command} takes one input file after the model, got {given}")
+            if args.command == "voice":
+                args.audio = given[0]
+            else:
+                args.tokens = given[0]
         args.func(args)
     except (ValueError, CheckpointMismatchError, OSError) as error:
         print(f"gpa-hf {args.command}: error: {error}", file=sys.stderr)

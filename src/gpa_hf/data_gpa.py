@@ -26,6 +26,8 @@ TASK_ALIASES = {"stt": "asr", "asr": "asr", "tts-a": "tts", "tts": "tts", "vc": 
 DATA_COLUMNS = ("task", "text", "audio", "ref_audio", "vc_audio", "begin_time", "end_time")
 AUDIO_COLUMNS = ("audio", "ref_audio", "vc_audio")
 DEFAULT_MAX_LENGTH = 1500  # the reference's model_max_length
+# Where a row without `ref_audio` takes its voice from: a TTS row's own utterance, a VC row's target utterance.
+VOICE_FALLBACK = {"tts": "audio", "vc": "vc_audio"}
 # Bump when the prepared sequences change, so that old caches are not reused.
 PREPARATION_VERSION = "1"
 
@@ -48,8 +50,8 @@ def load_jsonl_dataset(path: str | os.PathLike):
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from error
-        if not isinstance(row, dict) or "task" not in row or "audio" not in row:
-            raise ValueError(f"{path}, line {number}: expected an object with 'task' and 'audio', got {line[:80]!r}")
+        if not isinstance(row, dict) or "task" not in row:
+            raise ValueError(f"{path}, line {number}: expected an object with a 'task', got {line[:80]!r}")
         rows.append(
             {
                 "task": str(row["task"]),
@@ -174,13 +176,15 @@ class GpaTrainingDataBuilder:
         text = (row.get("text") or "").strip()
         if task in ("asr", "tts") and not text:
             return task, "empty text"
-        needed = {"asr": ("audio",), "tts": ("audio", "ref_audio"), "vc": ("audio", "ref_audio", "vc_audio")}[task]
+        needed = {"asr": ("audio",), "tts": ("audio", "ref_audio"), "vc": ("audio", "vc_audio", "ref_audio")}[task]
         item = {"task": task, "text": text}
         for name in needed:
             source = row.get(name)
-            if name != "audio" and ((name == "ref_audio" and not source) or _same_file(source, row.get("audio"))):
-                item[name] = item["audio"]  # the row's own utterance (a TTS row without ref_audio is its own voice)
-                continue
+            if name == "ref_audio":
+                same = [other for other in ("audio", "vc_audio") if other in item and _same_file(source, row[other])]
+                if not source or same:  # the voice of a clip already read: the row's own, or the VC target's
+                    item[name] = item[same[0] if same else VOICE_FALLBACK[task]]
+                    continue
             if not source:
                 return task, f"no {name}"
             samples = read_row_audio(row, name, self.sampling_rate)
@@ -188,6 +192,8 @@ class GpaTrainingDataBuilder:
                 return task, samples
             if samples.size < self.min_samples:
                 return task, f"audio shorter than {self.min_samples} samples"
+            if not np.any(samples):
+                return task, "silent audio"
             item[name] = samples
         return item
 
@@ -259,7 +265,10 @@ def _model_fingerprint(model, processor, max_length: int, default_task: str | No
 
     hasher = Hasher()
     hasher.update(PREPARATION_VERSION)
-    hasher.update(model.config.to_json_string(use_diff=False))
+    # Only what decides the tokens: the audio tokenizers' configs and weights, the layout, the features.
+    hasher.update(model.config.bicodec_config.to_json_string(use_diff=False))
+    if model.config.speech_tokenizer_config is not None:
+        hasher.update(model.config.speech_tokenizer_config.to_json_string(use_diff=False))
     for name, tensor in model.state_dict().items():
         if name.startswith(("bicodec.", "speech_tokenizer.")):
             # The codecs decide the tokens; a strided sample of each weight identifies them cheaply.

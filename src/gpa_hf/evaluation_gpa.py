@@ -124,6 +124,11 @@ class TransformersSpeakerEmbedder:
         return self.model(**inputs).embeddings.float().cpu()
 
 
+def has_sound(waveform: np.ndarray) -> bool:
+    """Whether an output has any non-zero sample (empty or silent outputs get no speaker embedding)."""
+    return bool(waveform.size) and bool(np.abs(waveform).max() > 0)
+
+
 def cosine_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1)
 
@@ -253,12 +258,15 @@ def evaluate_gpa(
             voices = [i.get("ref_audio_samples", i.get("audio_samples")) for i in batch]
             audio = _generate(model, processor, "tts", generate_kwargs, text=[i["text"] for i in batch], voice=voices)
             outputs += audio
-            predictions += recognise(_nonempty(audio))
-            with_prompt = [index for index, voice in enumerate(voices) if voice is not None]
+            spoken = [index for index, waveform in enumerate(audio) if has_sound(waveform)]
+            recognised = recognise([audio[k] for k in spoken]) if spoken else []
+            texts = dict(zip(spoken, recognised))
+            predictions += [texts.get(k, "") for k in range(len(batch))]  # no sound: nothing recognised
+            with_prompt = [k for k, voice in enumerate(voices) if voice is not None and has_sound(audio[k])]
             scores = [None] * len(batch)
             if with_prompt:
                 values = cosine_similarity(
-                    embed(_nonempty([audio[k] for k in with_prompt])), embed([voices[k] for k in with_prompt])
+                    embed([audio[k] for k in with_prompt]), embed([voices[k] for k in with_prompt])
                 )
                 for k, value in zip(with_prompt, values.tolist()):
                     scores[k] = value
@@ -282,25 +290,28 @@ def evaluate_gpa(
                 voice=[i["ref_audio_samples"] for i in batch],
             )
             outputs += audio
-            converted = embed(_nonempty(audio))
-            to_target = cosine_similarity(converted, embed([i["ref_audio_samples"] for i in batch]))
-            to_source = cosine_similarity(converted, embed([i["audio_samples"] for i in batch]))
-            for item, target, source, waveform in zip(batch, to_target.tolist(), to_source.tolist(), audio):
-                closer.append(target > source)
+            for item, waveform in zip(batch, audio):
+                target = source = None
+                if has_sound(waveform):  # no audio or silence: no similarity, and not closer to the target
+                    converted = embed([waveform])
+                    target = float(cosine_similarity(converted, embed([item["ref_audio_samples"]]))[0])
+                    source = float(cosine_similarity(converted, embed([item["audio_samples"]]))[0])
+                closer.append(target is not None and target > source)
                 results.append(
                     {
                         "audio": item.get("audio"),
                         "ref_audio": item.get("ref_audio"),
                         "similarity_to_target": target,
                         "similarity_to_source": source,
-                        "closer_to_target": target > source,
+                        "closer_to_target": closer[-1],
                         "duration_s": waveform.size / 16000,
                     }
                 )
         metrics = {"closer_to_target_rate": float(np.mean(closer)) if closer else None}
-        if results:
-            metrics["similarity_to_target"] = float(np.mean([r["similarity_to_target"] for r in results]))
-            metrics["similarity_to_source"] = float(np.mean([r["similarity_to_source"] for r in results]))
+        measured = [r for r in results if r["similarity_to_target"] is not None]
+        if measured:
+            metrics["similarity_to_target"] = float(np.mean([r["similarity_to_target"] for r in measured]))
+            metrics["similarity_to_source"] = float(np.mean([r["similarity_to_source"] for r in measured]))
         _write_audio(audio_dir, items, outputs)
     return {
         "task": task,
@@ -311,11 +322,6 @@ def evaluate_gpa(
         "in CJK text",
         "items": results,
     }
-
-
-def _nonempty(waveforms: list[np.ndarray]) -> list[np.ndarray]:
-    """Empty outputs get a silent 0.025 s clip, so that they still get an embedding (and score badly)."""
-    return [w if w.size else np.zeros(400, np.float32) for w in waveforms]
 
 
 def _write_audio(folder, items: list[dict], waveforms: list[np.ndarray]) -> None:
@@ -339,7 +345,10 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     items = report["items"]
     if report["task"] == "vc":
-        axis.scatter([i["similarity_to_source"] for i in items], [i["similarity_to_target"] for i in items], s=14)
+        measured = [i for i in items if i["similarity_to_target"] is not None]
+        axis.scatter(
+            [i["similarity_to_source"] for i in measured], [i["similarity_to_target"] for i in measured], s=14
+        )
         axis.axline((0, 0), slope=1, color="grey", linewidth=0.8)
         axis.set_xlabel("cosine to source speaker")
         axis.set_ylabel("cosine to target speaker")

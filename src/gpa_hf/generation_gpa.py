@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -107,29 +108,71 @@ class GpaAllowedRowsHead(nn.Module):
         return logits.index_copy_(-1, self.rows, allowed_logits)
 
 
-class GpaTokenQueueStreamer(BaseStreamer):
-    """Hands the tokens `generate` produces (one batch row) to another thread, through a queue.
+class GpaAudioStreamer(BaseStreamer):
+    """Turns the semantic tokens `generate` produces for one prompt into audio chunks, and queues them.
 
-    `generate` first puts the prompt, which is skipped; `None` marks the end. Iterate to read the new ids.
+    Chunks are decoded inside `put`, in the generating thread, between two LM steps: the LM and the codec never
+    compete for the same cores, and the first chunk is ready as soon as its tokens and right context exist.
+    Iterate over the streamer (in another thread) to receive the chunks; iteration ends after the last one.
+
+    Args:
+        layout: the vocabulary layout (which ids are semantic tokens, which id stops).
+        decode_window: `(codes, start, stop) -> audio of codes[start:stop]`, decoded with context around them.
+        first_chunk_tokens / chunk_tokens: tokens of the first and of every later chunk.
+        right_context: tokens generated past a chunk before it is decoded.
     """
 
-    def __init__(self, timeout: float | None = None):
-        self.queue: queue.Queue = queue.Queue()
+    def __init__(
+        self,
+        layout: GpaVocabularyLayout,
+        decode_window: Callable[[list[int], int, int], torch.Tensor],
+        first_chunk_tokens: int,
+        chunk_tokens: int,
+        right_context: int,
+        timeout: float | None = None,
+    ):
+        self.layout = layout
+        self.decode_window = decode_window
+        self.first_chunk_tokens = first_chunk_tokens
+        self.chunk_tokens = chunk_tokens
+        self.right_context = right_context
         self.timeout = timeout
+        self.queue: queue.Queue = queue.Queue()
+        self.codes: list[int] = []
+        self.emitted = 0
         self.prompt_seen = False
+        self.stopped = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
+        if not self.prompt_seen:  # generate first puts the prompt
             self.prompt_seen = True
             return
-        self.queue.put(value.reshape(-1)[:1].tolist())
+        token = int(value.reshape(-1)[0])
+        if self.stopped:
+            return
+        if token == self.layout.stop:
+            self.stopped = True
+            return
+        if self.layout.semantic_offset <= token < self.layout.semantic_offset + self.layout.semantic_size:
+            self.codes.append(token - self.layout.semantic_offset)
+        size = self.first_chunk_tokens if self.emitted == 0 else self.chunk_tokens
+        if len(self.codes) >= self.emitted + size + self.right_context:
+            self.queue.put(self.decode_window(self.codes, self.emitted, self.emitted + size))
+            self.emitted += size
 
     def end(self) -> None:
+        if len(self.codes) > self.emitted:
+            self.queue.put(self.decode_window(self.codes, self.emitted, len(self.codes)))
+            self.emitted = len(self.codes)
+        self.close()
+
+    def close(self) -> None:
+        """End the iteration without decoding anything more (used when generation failed)."""
         self.queue.put(None)
 
     def __iter__(self):
-        while (ids := self.queue.get(timeout=self.timeout)) is not None:
-            yield from ids
+        while (chunk := self.queue.get(timeout=self.timeout)) is not None:
+            yield chunk
 
 
 # Below this share of allowed rows, computing only those rows pays off (ASR allows ~85% of them: not worth it).
@@ -140,8 +183,8 @@ __all__ = [
     "ALLOWED_ROWS_MAX_FRACTION",
     "TASK_GENERATION_DEFAULTS",
     "GpaAllowedRowsHead",
+    "GpaAudioStreamer",
     "GpaTaskLogitsProcessor",
-    "GpaTokenQueueStreamer",
     "allowed_token_mask",
     "build_generation_config",
     "length_budget",

@@ -1,0 +1,449 @@
+"""Train gpa-tiny from nothing on 2 CPU cores: corpus, audio tokenizers, then the LM on TTS, ASR and VC jointly.
+
+    python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
+
+Stages (each prints its progress; the whole recipe takes about an hour on 2 cores):
+1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
+2. audio tokenizers, trained together on the corpus:
+   - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
+     waveform (multi-resolution mel loss) through its 64-code semantic VQ and 32 speaker FSQ tokens, with a
+     character CTC head on the semantic latents so that the tokens follow the content;
+   - a GLM-style speech tokenizer (Whisper encoder layers, 12.5 Hz, 64 codes) trained with a word CTC head;
+3. the LM: a small Qwen3 trained with the stock Trainer on the prepared TTS / ASR / VC sequences, in two cycles of
+   3 epochs (each with its own warm-up and cosine decay; the model is saved after each, and `--first-cycle 2`
+   resumes from it);
+4. evaluation on the held-out sets with `gpa-hf eval`'s code; the checkpoint and a report go to `--output-dir`.
+The text tokenizer is the 400-token byte-level BPE of the test fixture, with GPA's control and audio tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+from transformers import AutoTokenizer, Wav2Vec2Config
+from transformers.audio_utils import mel_filter_bank
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import DIGITS, build_corpus
+from finetune import build_trainer
+
+from gpa_hf import (
+    BiCodecConfig,
+    BiCodecFeatureExtractor,
+    BiCodecModel,
+    GlmSpeechTokenizerConfig,
+    GlmSpeechTokenizerFeatureExtractor,
+    GlmSpeechTokenizerModel,
+    GpaConfig,
+    GpaFeatureExtractor,
+    GpaForConditionalGeneration,
+    GpaProcessor,
+    GpaVocabularyLayout,
+)
+from gpa_hf.audio_utils import load_audio
+from gpa_hf.convert_gpa_original_to_hf import voice_from_audio
+from gpa_hf.data_gpa import load_jsonl_dataset, prepare_dataset
+from gpa_hf.evaluation_gpa import evaluate_gpa, write_report
+from gpa_hf.generation_gpa import build_generation_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_SOURCE = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint_original_layout"
+CHARACTERS = " abcdefghijklmnopqrstuvwxyz"
+DECODER_WINDOW = 32  # semantic frames (0.64 s) of audio per clip and step for the wave generator
+EARLY_RESTARTS = (10,)  # the step at which unused codewords are first moved onto the data
+
+
+def bicodec_config() -> BiCodecConfig:
+    semantic = Wav2Vec2Config(
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=192,
+        conv_dim=[64] * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        conv_bias=True,
+        num_conv_pos_embeddings=32,
+        num_conv_pos_embedding_groups=8,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+    )
+    return BiCodecConfig(
+        semantic_model_config=semantic,
+        semantic_hidden_layers=[2, 3, 4],
+        hidden_size=128,
+        encoder_vocos_dim=128,
+        encoder_intermediate_size=256,
+        encoder_num_layers=2,
+        encoder_num_stages=1,
+        codebook_size=64,
+        codebook_dim=8,
+        num_mel_bins=64,
+        ecapa_channels=64,
+        ecapa_output_channels=192,
+        speaker_latent_dim=32,
+        perceiver_depth=1,
+        perceiver_heads=2,
+        perceiver_head_dim=16,
+        perceiver_ff_mult=2,
+        fsq_levels=[4, 4, 4],
+        prenet_vocos_dim=128,
+        prenet_intermediate_size=256,
+        prenet_num_layers=3,
+        prenet_num_stages=1,
+        decoder_channels=192,
+    )
+
+
+def glm_config() -> GlmSpeechTokenizerConfig:
+    return GlmSpeechTokenizerConfig(
+        num_mel_bins=80,
+        d_model=96,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=192,
+        num_hidden_layers=3,
+        codebook_size=64,
+    )
+
+
+# ---- audio tokenizer training ---------------------------------------------------------------------------------
+class MultiResolutionMelLoss(torch.nn.Module):
+    """L1 between log-mel spectrograms of output and target at three resolutions."""
+
+    def __init__(self, sampling_rate: int = 16000, sizes=((512, 64), (1024, 80), (2048, 128))):
+        super().__init__()
+        self.sizes = sizes
+        for n_fft, bins in sizes:
+            filters = mel_filter_bank(
+                num_frequency_bins=n_fft // 2 + 1,
+                num_mel_filters=bins,
+                min_frequency=0.0,
+                max_frequency=sampling_rate / 2,
+                sampling_rate=sampling_rate,
+                norm="slaney",
+                mel_scale="slaney",
+            )
+            self.register_buffer(f"filters_{n_fft}", torch.tensor(filters, dtype=torch.float32))
+            self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft))
+
+    def log_mel(self, audio: torch.Tensor, n_fft: int) -> torch.Tensor:
+        spectrum = torch.stft(
+            audio, n_fft, n_fft // 4, window=getattr(self, f"window_{n_fft}"), return_complex=True
+        ).abs()
+        return torch.log(torch.clamp(spectrum.transpose(1, 2) @ getattr(self, f"filters_{n_fft}"), min=1e-5))
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(F.l1_loss(self.log_mel(output, n), self.log_mel(target, n)) for n, _ in self.sizes) / len(
+            self.sizes
+        )
+
+
+def char_targets(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [[CHARACTERS.index(c) + 1 for c in text if c in CHARACTERS] for text in texts]
+    return torch.tensor([i for row in ids for i in row]), torch.tensor([len(row) for row in ids])
+
+
+def word_targets(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [[DIGITS.index(word) + 1 for word in text.split()] for text in texts]
+    return torch.tensor([i for row in ids for i in row]), torch.tensor([len(row) for row in ids])
+
+
+def vq_straight_through(latents: torch.Tensor, codebook: torch.Tensor, cosine: bool, commitment: float = 0.25):
+    """Nearest codeword per frame (`latents`: (batch, frames, dim)); returns (straight-through values, codes, loss)."""
+    if cosine:
+        codes = (F.normalize(latents, dim=-1) @ F.normalize(codebook, dim=-1).t()).argmax(-1)
+    else:
+        codes = (codebook.pow(2).sum(-1) - 2 * latents @ codebook.t()).argmin(-1)
+    quantized = codebook[codes]
+    loss = F.mse_loss(quantized, latents.detach()) + commitment * F.mse_loss(latents, quantized.detach())
+    return latents + (quantized - latents).detach(), codes, loss
+
+
+def restart_dead_codes(codebook: torch.nn.Parameter, usage: torch.Tensor, latents: torch.Tensor) -> int:
+    """Move codewords unused since the last restart onto random current latents (keeps all codes alive)."""
+    dead = (usage == 0).nonzero().squeeze(-1)
+    if dead.numel():
+        pool = latents.detach().reshape(-1, latents.shape[-1])
+        with torch.no_grad():
+            codebook[dead] = pool[torch.randint(0, pool.shape[0], (dead.numel(),))]
+    usage.zero_()
+    return dead.numel()
+
+
+def prepare_for_training(bicodec: BiCodecModel) -> None:
+    """PyTorch's default initialisation for the codec's layers, and weight norm on the wave generator's convs.
+
+    The checkpoint-oriented initialisation (std 0.02) makes a deep conv stack's output vanish; training from
+    scratch needs fan-in scaled weights, and weight norm keeps the wave generator stable, as in DAC.
+    """
+    for name, module in bicodec.named_modules():
+        if not isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
+            continue
+        if name.startswith("speaker_encoder") or parametrize.is_parametrized(module):
+            continue
+        module.reset_parameters()
+        if name.startswith("decoder"):
+            weight_norm(module)
+
+
+def fold_weight_norm(bicodec: BiCodecModel) -> None:
+    """Back to plain weights (the checkpoint layout) after training."""
+    for name, module in bicodec.named_modules():
+        if name.startswith("decoder") and parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def train_audio_tokenizers(
+    rows: list[dict], folder: Path, steps: int, batch_size: int, seed: int, learning_rate: float = 3e-4
+):
+    """Train BiCodec and the GLM tokenizer together on (audio, text) rows; returns both models and extractors."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    bicodec = BiCodecModel(bicodec_config()).train()
+    prepare_for_training(bicodec)
+    glm = GlmSpeechTokenizerModel(glm_config()).train()
+    bicodec_features = BiCodecFeatureExtractor(reference_length=bicodec.config.reference_length)
+    glm_features = GlmSpeechTokenizerFeatureExtractor(feature_size=glm.config.num_mel_bins)
+    char_head = torch.nn.Linear(bicodec.config.hidden_size, len(CHARACTERS) + 1)
+    word_head = torch.nn.Linear(glm.config.d_model, len(DIGITS) + 1)
+    mel_loss = MultiResolutionMelLoss()
+    # Two optimisers, clipped apart: the GLM tokenizer's gradients must not scale down the codec's.
+    codec_parameters = [*bicodec.parameters(), *char_head.parameters()]
+    glm_parameters = [*glm.parameters(), *word_head.parameters()]
+    optimizers = [
+        torch.optim.AdamW(codec_parameters, lr=learning_rate, betas=(0.8, 0.99)),
+        torch.optim.AdamW(glm_parameters, lr=learning_rate, betas=(0.9, 0.99)),
+    ]
+    schedulers = [
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+        for optimizer in optimizers
+    ]
+    waveforms = [load_audio(folder / row["audio"]) for row in rows]
+    semantic_usage = torch.zeros(bicodec.config.codebook_size)
+    glm_usage = torch.zeros(glm.config.codebook_size)
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = rng.sample(range(len(rows)), batch_size)
+        clips = [waveforms[i] for i in batch]
+        texts = [rows[i]["text"] for i in batch]
+        inputs = bicodec_features(clips, sampling_rate=16000)
+        targets = [bicodec_features.prepare_waveform(clip, 16000) for clip in clips]
+
+        # semantic path
+        hidden = bicodec.semantic_model(
+            inputs["input_values"], attention_mask=inputs["attention_mask"], output_hidden_states=True
+        ).hidden_states
+        features = torch.stack([hidden[i] for i in bicodec.config.semantic_hidden_layers]).mean(0)
+        lengths = bicodec.semantic_lengths(inputs["attention_mask"].sum(-1))
+        mask = (torch.arange(features.shape[1])[None] < lengths[:, None]).float()[:, None]
+        latents = bicodec.encoder(features.transpose(1, 2), mask)
+        projected = bicodec.quantizer.in_project(latents).transpose(1, 2)
+        quantized, codes, semantic_vq_loss = vq_straight_through(
+            projected, bicodec.quantizer.codebook.weight, cosine=True
+        )
+        semantic_usage += torch.bincount(codes[mask[:, 0].bool()], minlength=semantic_usage.numel())
+        decoder_latents = bicodec.quantizer.out_project(quantized.transpose(1, 2))
+        characters, character_lengths = char_targets(texts)
+        log_probs = char_head(latents.transpose(1, 2)).log_softmax(-1).transpose(0, 1)
+        char_ctc = F.ctc_loss(log_probs, characters, lengths, character_lengths, zero_infinity=True)
+
+        # speaker path: FSQ with a straight-through round
+        fsq = bicodec.speaker_encoder.quantizer
+        speaker = bicodec.speaker_encoder.latents(bicodec.reference_mel(inputs["reference_values"]))
+        bounded = fsq.bound(fsq.project_in(speaker))
+        rounded = bounded + (torch.round(bounded) - bounded).detach()
+        speaker_quantized = fsq.project_out(rounded / (fsq.levels // 2))
+        d_vector = bicodec.speaker_encoder.project(speaker_quantized.transpose(1, 2).reshape(len(batch), -1))
+
+        # decoder, on a random window of DECODER_WINDOW frames per clip (as vocoders are trained: segments)
+        conditioned = bicodec.prenet(decoder_latents, d_vector, mask) + d_vector[..., None]
+        hop = bicodec.config.hop_length
+        starts = [rng.randint(0, max(0, length - DECODER_WINDOW)) for length in lengths.tolist()]
+        window = torch.stack([conditioned[row, :, start : start + DECODER_WINDOW] for row, start in enumerate(starts)])
+        window_mask = torch.stack([mask[row, :, start : start + DECODER_WINDOW] for row, start in enumerate(starts)])
+        decoded = bicodec.decoder(window, window_mask)
+        target = torch.zeros_like(decoded)
+        for row, (waveform, start, length) in enumerate(zip(targets, starts, lengths.tolist())):
+            segment = waveform[start * hop : min(length, start + DECODER_WINDOW) * hop]
+            target[row, : segment.shape[0]] = torch.from_numpy(segment)
+        reconstruction = mel_loss(decoded, target)
+
+        # GLM tokenizer: word CTC on the encoder output; its codebook follows the output (k-means-like)
+        glm_inputs = glm_features(clips, sampling_rate=16000)
+        glm_hidden = glm.encode(glm_inputs["input_features"], glm_inputs["attention_mask"]).last_hidden_state
+        glm_lengths = glm_inputs["attention_mask"][:, ::2][:, :: glm.config.pooling_kernel_size].sum(-1)
+        _, glm_codes, glm_vq_loss = vq_straight_through(glm_hidden, glm.codebook.weight, cosine=False, commitment=0.05)
+        glm_mask = torch.arange(glm_codes.shape[1])[None] < glm_lengths[:, None]
+        glm_usage += torch.bincount(glm_codes[glm_mask], minlength=glm_usage.numel())
+        words, word_lengths = word_targets(texts)
+        word_log_probs = word_head(glm_hidden).log_softmax(-1).transpose(0, 1)
+        word_ctc = F.ctc_loss(word_log_probs, words, glm_lengths, word_lengths, zero_infinity=True)
+
+        loss = reconstruction + semantic_vq_loss + 0.2 * char_ctc + word_ctc + glm_vq_loss
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for parameters in (codec_parameters, glm_parameters):
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            scheduler.step()
+        if (step in EARLY_RESTARTS or step % 100 == 0) and step <= int(0.8 * steps):
+            restart_dead_codes(bicodec.quantizer.codebook.weight, semantic_usage, projected)
+            restart_dead_codes(glm.codebook.weight, glm_usage, glm_hidden)
+        if step % 25 == 0 or step == 1:
+            print(
+                f"[audio tokenizers] step {step}/{steps}  mel {reconstruction.item():.3f}  char-ctc "
+                f"{char_ctc.item():.3f}  word-ctc {word_ctc.item():.3f}  vq {semantic_vq_loss.item():.4f}/"
+                f"{glm_vq_loss.item():.4f}  {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+    fold_weight_norm(bicodec)
+    return bicodec.eval(), glm.eval(), bicodec_features, glm_features
+
+
+# ---- assembling and training the LM ---------------------------------------------------------------------------
+def assemble_gpa(bicodec, glm, bicodec_features, glm_features, hidden_size: int, num_layers: int):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_SOURCE)
+    layout = GpaVocabularyLayout.from_tokenizer(
+        tokenizer,
+        glm_size=glm.config.codebook_size,
+        global_size=bicodec.config.global_codebook_size,
+        semantic_size=bicodec.config.codebook_size,
+    )
+    config = GpaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=2048,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=layout.stop,
+        bicodec_config=bicodec.config.to_dict(),
+        speech_tokenizer_config=glm.config.to_dict(),
+        vocabulary_layout=layout.to_dict(),
+        architectures=["GpaForConditionalGeneration"],
+    )
+    model = GpaForConditionalGeneration(config)
+    model.bicodec.load_state_dict(bicodec.state_dict())
+    model.speech_tokenizer.load_state_dict(glm.state_dict())
+    model.generation_config = build_generation_config(layout, tokenizer.pad_token_id)
+    feature_extractor = GpaFeatureExtractor.from_codec_feature_extractors(bicodec_features, glm_features)
+    processor = GpaProcessor(feature_extractor, tokenizer, vocabulary_layout=layout.to_dict())
+    return model.eval(), processor
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="gpa_tiny_work")
+    parser.add_argument("--output-dir", default="gpa-tiny")
+    parser.add_argument("--utterances", type=int, default=4000)
+    parser.add_argument("--heldout", type=int, default=100)
+    parser.add_argument("--codec-steps", type=int, default=1500)
+    parser.add_argument("--codec-batch-size", type=int, default=8)
+    parser.add_argument("--codec-learning-rate", type=float, default=5e-4)
+    parser.add_argument("--lm-hidden-size", type=int, default=192)
+    parser.add_argument("--lm-layers", type=int, default=4)
+    parser.add_argument("--lm-epochs", type=float, default=3, help="epochs of each LM training cycle")
+    parser.add_argument("--lm-cycles", type=int, default=2, help="LM training cycles, each a new cosine schedule")
+    parser.add_argument(
+        "--first-cycle",
+        type=int,
+        default=1,
+        help="resume at this LM cycle from the model saved in --output-dir (the stages before it are skipped)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    work, output = Path(args.work_dir), Path(args.output_dir)
+
+    print("== 1/4 corpus (espeak-ng)", flush=True)
+    files = build_corpus(work / "corpus", args.utterances, args.heldout, args.seed, reuse=True)
+    corpus = work / "corpus"
+    asr_rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    asr_rows = [row for row in asr_rows if row["task"] == "stt"]
+
+    if args.first_cycle > 1:  # resume: audio tokenizers and earlier LM cycles are in --output-dir
+        model = GpaForConditionalGeneration.from_pretrained(output).eval()
+        processor = GpaProcessor.from_pretrained(output)
+    else:
+        print("== 2/4 audio tokenizers", flush=True)
+        bicodec, glm, bicodec_features, glm_features = train_audio_tokenizers(
+            asr_rows, corpus, args.codec_steps, args.codec_batch_size, args.seed, args.codec_learning_rate
+        )
+
+        print("== 3/4 LM on TTS, ASR and VC", flush=True)
+        torch.manual_seed(args.seed)
+        model, processor = assemble_gpa(
+            bicodec, glm, bicodec_features, glm_features, args.lm_hidden_size, args.lm_layers
+        )
+    prepared, report = prepare_dataset(
+        load_jsonl_dataset(files["train"]), model, processor, batch_size=32, cache_dir=work / "cache"
+    )
+    print(report, flush=True)
+    for cycle in range(args.first_cycle, args.lm_cycles + 1):
+        print(f"LM training cycle {cycle}/{args.lm_cycles}: {args.lm_epochs} epochs, cosine schedule", flush=True)
+        trainer = build_trainer(
+            model,
+            processor,
+            prepared,
+            str(work / "trainer"),
+            eval_fraction=0.02,
+            seed=args.seed,
+            num_train_epochs=args.lm_epochs,
+            learning_rate=2e-3,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            weight_decay=0.01,
+            per_device_train_batch_size=16,
+            logging_steps=50,
+            save_strategy="no",
+            eval_strategy="epoch",
+            disable_tqdm=True,
+        )
+        trainer.train()
+        model.eval()
+        processor.default_voice = voice_from_audio(
+            model, processor, corpus / json.loads(files["heldout_tts"].read_text().splitlines()[0])["ref_audio"]
+        )
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        print(f"saved {output} after cycle {cycle}", flush=True)
+
+    print("== 4/4 evaluation on held-out text and voices", flush=True)
+    results = {}
+    for task in ("asr", "tts", "vc"):
+        rows = list(load_jsonl_dataset(files[f"heldout_{task}"]))
+        torch.manual_seed(args.seed)
+        report = evaluate_gpa(model, processor, rows, task, batch_size=16)
+        write_report(report, work / f"eval_{task}.json")
+        results[task] = report["metrics"]
+        print(task, json.dumps(report["metrics"]), flush=True)
+    summary = {"minutes": round((time.perf_counter() - started) / 60, 1), "metrics": results, "args": vars(args)}
+    (output / "training_report.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The embedded default model, gpa-tiny: every task works offline and gives real outputs on held-out speech."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import FIXTURES
+from transformers import pipeline
+
+import gpa_hf
+from gpa_hf.cli import main
+from gpa_hf.evaluation_gpa import error_rate
+
+HELDOUT = FIXTURES / "gpa_tiny_heldout"
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[dict]:
+    """Held-out clips (text and voices the model never saw in training), with their transcripts."""
+    return [{**row, "audio": str(HELDOUT / row["audio"])} for row in json.loads((HELDOUT / "clips.json").read_text())]
+
+
+def assert_speech(audio: np.ndarray, min_seconds: float, max_seconds: float) -> None:
+    seconds = audio.shape[0] / 16000
+    assert min_seconds <= seconds <= max_seconds, f"{seconds:.2f} s of audio"
+    assert np.sqrt(np.mean(audio**2)) > 0.01, "the audio is (nearly) silent"
+
+
+def test_default_model_is_embedded_and_small():
+    files = {path.name: path.stat().st_size for path in Path(gpa_hf.DEFAULT_MODEL).iterdir()}
+    assert "model.safetensors" in files and "default_voice.safetensors" in files
+    assert sum(files.values()) <= 40 * 1024**2
+
+
+def test_tts_without_naming_a_model(tmp_path, capsys):
+    output = tmp_path / "digits.wav"
+    assert main(["tts", "--text", "three one four", "--output", str(output), "--seed", "0"]) == 0
+    audio, rate = sf.read(output)
+    assert rate == 16000
+    assert_speech(audio, 0.4, 4.0)
+
+
+def test_asr_of_held_out_clips_is_close_to_the_transcripts(heldout, capsys):
+    assert main(["asr", *[row["audio"] for row in heldout], "--json"]) == 0
+    texts = json.loads(capsys.readouterr().out)
+    predictions = [texts[row["audio"]] for row in heldout]
+    assert error_rate([row["text"] for row in heldout], predictions, "char") <= 0.25, predictions
+
+
+def test_vc_without_naming_a_model(heldout, tmp_path):
+    output = tmp_path / "converted.wav"
+    source, voice = heldout[0]["audio"], heldout[1]["audio"]
+    assert main(["vc", "--source", source, "--voice", voice, "--output", str(output), "--seed", "0"]) == 0
+    audio, _ = sf.read(output)
+    source_seconds = sf.info(source).duration
+    assert_speech(audio, 0.3 * source_seconds, 3 * source_seconds)
+
+
+def test_text_to_speech_pipeline_on_the_default_model():
+    tts = pipeline("text-to-speech", model=gpa_hf.DEFAULT_MODEL)
+    result = tts("seven two", generate_kwargs={"do_sample": False})
+    assert result["sampling_rate"] == 16000
+    assert_speech(np.asarray(result["audio"]).reshape(-1), 0.3, 3.0)

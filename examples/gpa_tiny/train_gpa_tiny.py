@@ -319,12 +319,7 @@ def train_audio_tokenizers(
 # ---- assembling and training the LM ---------------------------------------------------------------------------
 def assemble_gpa(bicodec, glm, bicodec_features, glm_features, hidden_size: int, num_layers: int):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_SOURCE)
-    layout = GpaVocabularyLayout.from_tokenizer(
-        tokenizer,
-        glm_size=glm.config.codebook_size,
-        global_size=bicodec.config.global_codebook_size,
-        semantic_size=bicodec.config.codebook_size,
-    )
+    layout = GpaVocabularyLayout.from_tokenizer(tokenizer, bicodec.config, glm.config)
     config = GpaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -56,8 +56,16 @@ class GpaVocabularyLayout:
     stop: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, glm_size: int, global_size: int, semantic_size: int) -> GpaVocabularyLayout:
-        """Resolve and check every id by name; the GLM block (whose names are unknown) ends where globals start."""
+    def from_tokenizer(
+        cls, tokenizer, bicodec_config: BiCodecConfig, speech_tokenizer_config: GlmSpeechTokenizerConfig
+    ) -> GpaVocabularyLayout:
+        """Resolve and check every id by name; block sizes are the codebook sizes of the two audio tokenizers.
+
+        The GLM block (whose token names are unknown) ends where the global block starts.
+        """
+        glm_size = speech_tokenizer_config.codebook_size
+        global_size = bicodec_config.global_codebook_size
+        semantic_size = bicodec_config.codebook_size
 
         def token_id(token: str) -> int:
             index = tokenizer.convert_tokens_to_ids(token)

@@ -63,12 +63,7 @@ def load_original_gpa(
     bicodec, bicodec_features = load_original_bicodec(folder / BICODEC_DIR, include_semantic_encoder=needs_encoders)
     glm, glm_features = load_original_glm_tokenizer(folder / GLM_TOKENIZER_DIR)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    layout = GpaVocabularyLayout.from_tokenizer(
-        tokenizer,
-        glm_size=glm.config.codebook_size,
-        global_size=bicodec.config.global_codebook_size,
-        semantic_size=bicodec.config.codebook_size,
-    )
+    layout = GpaVocabularyLayout.from_tokenizer(tokenizer, bicodec.config, glm.config)
     layout.validate(lm_config["vocab_size"])
     config = GpaConfig(
         **lm_config,

@@ -46,6 +46,13 @@ def load_gpa(model_path: str, tasks=TASKS):
     return model, GpaProcessor.from_pretrained(model_path)
 
 
+def _seeded_model(args, tasks):
+    """Seed the sampler when `--seed` is given, then load the model for `tasks`."""
+    if getattr(args, "seed", None) is not None:
+        torch.manual_seed(args.seed)
+    return load_gpa(args.model, tasks=tasks)
+
+
 def _generate_kwargs(args) -> dict:
     kwargs = {}
     if getattr(args, "greedy", False):
@@ -59,9 +66,7 @@ def _generate_kwargs(args) -> dict:
 
 def _run_task(args, task: str, **processor_kwargs):
     """Build the prompt; print it (`--dry-run`) or generate. Returns (model, generate output), or None on a dry run."""
-    if getattr(args, "seed", None) is not None:
-        torch.manual_seed(args.seed)
-    model, processor = load_gpa(args.model, tasks=[task])
+    model, processor = _seeded_model(args, [task])
     inputs = processor(task=task, **processor_kwargs)
     if args.dry_run:
         filled = model.fill_audio_tokens(**{k: v for k, v in inputs.items() if k != "attention_mask"})
@@ -87,9 +92,7 @@ def _speak(args, task: str, **processor_kwargs) -> None:
 def _stream(args, task: str, **processor_kwargs) -> None:
     import soundfile as sf
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model, processor = load_gpa(args.model, tasks=[task])
+    model, processor = _seeded_model(args, [task])
     rate = model.config.sampling_rate
     started = time.perf_counter()
     inputs = processor(task=task, **processor_kwargs)
@@ -117,9 +120,7 @@ def cmd_asr(args) -> None:
     if args.dry_run:
         _run_task(args, "asr", audio=args.audio)
         return
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model, processor = load_gpa(args.model, tasks=["asr"])
+    model, processor = _seeded_model(args, ["asr"])
     texts = {}
     for start in tqdm(
         range(0, len(args.audio), args.batch_size), desc="asr", disable=len(args.audio) <= args.batch_size
@@ -239,10 +240,8 @@ def cmd_eval(args) -> None:
     rows = list(_load_rows(args.data))
     if args.limit is not None:
         rows = rows[: args.limit]
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     tasks = [args.task] if args.task == "asr" or args.asr_model else [args.task, "asr"]
-    model, processor = load_gpa(args.model, tasks=tasks)
+    model, processor = _seeded_model(args, tasks)
     embedder = TransformersSpeakerEmbedder(args.speaker_model, model.device) if args.speaker_model else None
     report = evaluate_gpa(
         model,

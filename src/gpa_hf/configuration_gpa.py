@@ -112,6 +112,15 @@ class GpaVocabularyLayout:
         if end > vocab_size:
             raise ValueError(f"audio tokens reach id {end - 1}, beyond the vocabulary of {vocab_size}")
 
+    def block_mask(self, ids, block: str):
+        """Which `ids` (a tensor, or one int) are audio tokens of `block`: "glm", "global" or "semantic"."""
+        offset, size = getattr(self, f"{block}_offset"), getattr(self, f"{block}_size")
+        return (ids >= offset) & (ids < offset + size)
+
+    def block_codes(self, ids, block: str):
+        """The codebook indices of the `block` audio tokens among `ids` (a tensor), in order."""
+        return ids[self.block_mask(ids, block)] - getattr(self, f"{block}_offset")
+
     @property
     def control_ids(self) -> dict[str, int]:
         return {role: getattr(self, role) for role in CONTROL_TOKENS}

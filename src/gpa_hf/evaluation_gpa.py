@@ -290,12 +290,17 @@ def evaluate_gpa(
                 voice=[i["ref_audio_samples"] for i in batch],
             )
             outputs += audio
-            for item, waveform in zip(batch, audio):
-                target = source = None
-                if has_sound(waveform):  # no audio or silence: no similarity, and not closer to the target
-                    converted = embed([waveform])
-                    target = float(cosine_similarity(converted, embed([item["ref_audio_samples"]]))[0])
-                    source = float(cosine_similarity(converted, embed([item["audio_samples"]]))[0])
+            # One embedding call per kind for the batch; outputs without sound get no similarity.
+            sounding = [k for k, waveform in enumerate(audio) if has_sound(waveform)]
+            to_target, to_source = {}, {}
+            if sounding:
+                converted = embed([audio[k] for k in sounding])
+                targets = embed([batch[k]["ref_audio_samples"] for k in sounding])
+                sources = embed([batch[k]["audio_samples"] for k in sounding])
+                to_target = dict(zip(sounding, cosine_similarity(converted, targets).tolist()))
+                to_source = dict(zip(sounding, cosine_similarity(converted, sources).tolist()))
+            for k, (item, waveform) in enumerate(zip(batch, audio)):
+                target, source = to_target.get(k), to_source.get(k)
                 closer.append(target is not None and target > source)
                 results.append(
                     {

@@ -47,9 +47,9 @@ def length_budget(
         text = ((input_ids < layout.text_vocab_size) & valid).sum(-1)
         return TTS_BASE_TOKENS + TTS_TOKENS_PER_TEXT_TOKEN * text
     if task == "vc":
-        semantic = (input_ids >= layout.semantic_offset) & (input_ids < layout.semantic_offset + layout.semantic_size)
+        semantic = layout.block_mask(input_ids, "semantic")
         return VC_BASE_TOKENS + VC_TOKENS_PER_SOURCE_TOKEN * (semantic & valid).sum(-1)
-    glm = (input_ids >= layout.glm_offset) & (input_ids < layout.glm_offset + layout.glm_size)
+    glm = layout.block_mask(input_ids, "glm")
     return ASR_BASE_TOKENS + ASR_TOKENS_PER_GLM_TOKEN * (glm & valid).sum(-1)
 
 
@@ -153,7 +153,7 @@ class GpaAudioStreamer(BaseStreamer):
         if token == self.layout.stop:
             self.stopped = True
             return
-        if self.layout.semantic_offset <= token < self.layout.semantic_offset + self.layout.semantic_size:
+        if self.layout.block_mask(token, "semantic"):
             self.codes.append(token - self.layout.semantic_offset)
         size = self.first_chunk_tokens if self.emitted == 0 else self.chunk_tokens
         if len(self.codes) >= self.emitted + size + self.right_context:

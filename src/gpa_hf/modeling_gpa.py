@@ -169,10 +169,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             prompt, new = sequence[:prompt_length], sequence[prompt_length:]
             stops = (new == layout.stop).nonzero()
             new = new[: stops[0, 0]] if stops.numel() else new
-            in_range = (new >= layout.semantic_offset) & (new < layout.semantic_offset + layout.semantic_size)
-            semantic.append(new[in_range] - layout.semantic_offset)
-            is_global = (prompt >= layout.global_offset) & (prompt < layout.global_offset + layout.global_size)
-            voices.append(prompt[is_global] - layout.global_offset)
+            semantic.append(layout.block_codes(new, "semantic"))
+            voices.append(layout.block_codes(prompt, "global"))
             if semantic[-1].numel() == 0:
                 empty.append(row)
         if empty:
@@ -319,8 +317,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             raise ValueError("generate_stream is for tts and vc")
         layout = self.config.layout
         prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
-        voice = prompt[(prompt >= layout.global_offset) & (prompt < layout.global_offset + layout.global_size)]
-        voice = (voice - layout.global_offset).unsqueeze(0)
+        voice = layout.block_codes(prompt, "global").unsqueeze(0)
         hop = self.config.bicodec_config.hop_length
 
         @torch.no_grad()

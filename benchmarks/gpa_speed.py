@@ -5,7 +5,9 @@
 Reference path (what the published scripts do per request): the stock float32 `Qwen3ForCausalLM.generate` over
 the full vocabulary, one request at a time, with the voice re-tokenized through wav2vec2 + the BiCodec encoder for
 every request. gpa-hf: `GpaForConditionalGeneration.generate` (task constraint, only the allowed output rows), the
-voice computed once from the speaker path, batched requests, the LM in float32 / bfloat16 / int8, and streaming.
+voice computed once from the speaker path, batched requests, the LM in float32 / bfloat16 / int8, static decoding
+(`static_decoding=True`: a static KV cache and, on GPU, one CUDA graph per step, optionally `torch.compile`d), and
+streaming. On GPU every variant is run once before it is timed (graph capture and compilation happen then).
 Random weights never stop on their own, so every TTS request generates exactly `--tokens` semantic tokens
 (200 = 4 s of audio). Prints a table and writes it as JSON; peak memory of a TTS-only process is measured in a
 child process.
@@ -23,7 +25,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM, Wav2Vec2Model
 
 from gpa_hf import BiCodecFeatureExtractor, GlmSpeechTokenizerFeatureExtractor, GpaConfig, GpaForConditionalGeneration
 
@@ -130,7 +132,8 @@ def main() -> None:
     voice_clip = (0.1 * rng.standard_normal(int(4.2 * SAMPLING_RATE))).astype(np.float32)
     asr_clip = (0.1 * rng.standard_normal(4 * SAMPLING_RATE)).astype(np.float32)
 
-    model = published_gpa(["tts", "asr", "vc"]).to(device)
+    with torch.device(device):  # random initialisation where the model runs (fast on GPU)
+        model = published_gpa(["tts", "asr", "vc"])
     bicodec_features = BiCodecFeatureExtractor()
     glm_features = GlmSpeechTokenizerFeatureExtractor()
     voice_inputs = bicodec_features(voice_clip, sampling_rate=SAMPLING_RATE).to(device)
@@ -140,6 +143,7 @@ def main() -> None:
     def record(key: str, label: str, value: float, unit: str) -> None:
         results[key] = value
         rows.append((label, f"{value:.3f}", unit))
+        print(f"{label:72s} {value:10.3f}  {unit}", file=sys.stderr, flush=True)  # progress, as it is measured
 
     def sync() -> None:
         if device == "cuda":
@@ -147,9 +151,14 @@ def main() -> None:
 
     with torch.inference_mode():
         # ---- reference path: stock Qwen3 over the full vocabulary, voice through wav2vec2 per request ----------
-        reference_lm = Qwen3ForCausalLM(model.config.lm_config()).eval().to(device)
+        with torch.device(device):
+            reference_lm = Qwen3ForCausalLM(model.config.lm_config()).eval()
         reference_lm.load_state_dict(model.state_dict(), strict=False)
-        voice_seconds, encoded = clock(lambda: model.bicodec.encode(**voice_inputs))
+        # The reference runs all 24 wav2vec2 layers; gpa-hf builds only the 17 whose hidden states BiCodec reads.
+        reference_codec = copy.deepcopy(model.bicodec)
+        with torch.device(device):
+            reference_codec.semantic_model = Wav2Vec2Model(model.config.bicodec_config.semantic_model_config).eval()
+        voice_seconds, encoded = clock(lambda: reference_codec.encode(**voice_inputs))
         voice = encoded.global_codes
         prompt = tts_prompt(voice.cpu(), 1).to(device)
         reference_lm.generate(prompt, **exact_length(4))  # warm-up
@@ -172,35 +181,48 @@ def main() -> None:
         voice = voice.global_codes
         record("gpa_voice_s", "gpa-hf: voice via the speaker path only (once per voice)", speaker_seconds, "s")
 
-        def tts_run(lm_model, batch_size: int) -> tuple[float, float]:
+        def tts_run(lm_model, batch_size: int, options: dict) -> tuple[float, float]:
             prompts = tts_prompt(voice.cpu(), batch_size).to(device)
-            lm_model.generate(prompts[:1], task="tts", **exact_length(4))  # warm-up
+            # Warm-up: on GPU the same request (graphs are captured and steps compiled per shape), on CPU a short one.
+            warm_up = exact_length(args.tokens if device == "cuda" else 4)
+            lm_model.generate(prompts if device == "cuda" else prompts[:1], task="tts", **warm_up, **options)
             sync()
             seconds, output = clock(
-                lambda: lm_model.generate(prompts, task="tts", output_audio=True, **exact_length(args.tokens))
+                lambda: lm_model.generate(
+                    prompts, task="tts", output_audio=True, **exact_length(args.tokens), **options
+                )
             )
             sync()
             assert all(audio.numel() == args.tokens * 320 for audio in output.audio)
             return seconds, seconds / (batch_size * audio_seconds)
 
-        variants = [("float32", model)]
+        variants = [("float32", model, {})]
         bf16 = copy.deepcopy(model)
         bf16.model.to(torch.bfloat16)
         bf16.lm_head.to(torch.bfloat16)
-        variants.append(("bfloat16", bf16))
+        variants.append(("bfloat16", bf16, {}))
         if device == "cpu":  # dynamic int8 for the decoder layers; codecs and the (row-restricted) output stay float32
-            variants.append(("int8", copy.deepcopy(model).quantize_lm_dynamic_int8()))
-        for name, variant in variants:
-            seconds, rtf = tts_run(variant, 1)
-            record(f"gpa_{name}_tts_rtf_batch1", f"gpa-hf {name}: TTS real-time factor, batch 1", rtf, "x")
+            int8 = copy.deepcopy(model).quantize_lm_dynamic_int8()
+            variants += [("int8", int8, {}), ("int8 static", int8, {"static_decoding": True})]
+        else:
+            variants += [
+                ("bfloat16 static", bf16, {"static_decoding": True}),
+                ("bfloat16 static compiled", bf16, {"static_decoding": True, "compile_decoding": True}),
+            ]
+        for name, variant, options in variants:
+            seconds, rtf = tts_run(variant, 1, options)
+            key = name.replace(" ", "_")
+            record(f"gpa_{key}_tts_rtf_batch1", f"gpa-hf {name}: TTS real-time factor, batch 1", rtf, "x")
             record(
-                f"gpa_{name}_tokens_per_s_batch1",
+                f"gpa_{key}_tokens_per_s_batch1",
                 f"gpa-hf {name}: tokens/s incl. decode, batch 1",
                 args.tokens / seconds,
                 "tok/s",
             )
-        best_name, best = min(variants, key=lambda item: results[f"gpa_{item[0]}_tts_rtf_batch1"])
-        seconds, rtf = tts_run(best, args.batch_size)
+        best_name, best, best_options = min(
+            variants, key=lambda item: results[f"gpa_{item[0].replace(' ', '_')}_tts_rtf_batch1"]
+        )
+        seconds, rtf = tts_run(best, args.batch_size, best_options)
         record(
             "gpa_tts_rtf_batch",
             f"gpa-hf {best_name}: TTS aggregate real-time factor, batch {args.batch_size}",
@@ -216,15 +238,19 @@ def main() -> None:
 
         # ---- streaming: time to first audio chunk ------------------------------------------------------------
         prompt = tts_prompt(voice.cpu(), 1).to(device)
+        if device == "cuda":  # warm-up: the codec's kernels for the first chunk's window
+            list(best.generate_stream(prompt, task="tts", **exact_length(args.tokens), **best_options))
         sync()
         start = time.perf_counter()
-        stream = best.generate_stream(prompt, task="tts", **exact_length(args.tokens))
+        stream = best.generate_stream(prompt, task="tts", **exact_length(args.tokens), **best_options)
         chunks = [next(stream)]
         first_chunk = time.perf_counter() - start
         chunks += list(stream)
         label = f"gpa-hf {best_name}: streaming, time to first audio chunk"
         record("gpa_stream_first_chunk_s", label, first_chunk, "s")
-        offline = best.generate(prompt, task="tts", output_audio=True, **exact_length(args.tokens)).audio[0]
+        offline = best.generate(
+            prompt, task="tts", output_audio=True, **exact_length(args.tokens), **best_options
+        ).audio[0]
         streamed = torch.cat(chunks)
         assert streamed.numel() == offline.numel(), "streamed and offline lengths differ"
         snr = 10 * torch.log10(offline.pow(2).sum() / (offline - streamed).pow(2).sum().clamp(min=1e-20))
@@ -250,21 +276,27 @@ def main() -> None:
                 layout["end_semantic"],
                 layout["start_content"],
             ]
-            lm_model.generate(torch.tensor([ids], device=device), task="asr", **exact_length(ASR_NEW_TOKENS))
+            lm_model.generate(
+                torch.tensor([ids], device=device), task="asr", **exact_length(ASR_NEW_TOKENS), **best_options
+            )
 
         asr_once(best)  # warm-up
         sync()
         seconds, _ = clock(lambda: asr_once(best))
         record("gpa_asr_4s_clip_s", f"gpa-hf {best_name}: ASR of a 4 s clip, end to end", seconds, "s")
 
-    child = subprocess.run(
-        [sys.executable, __file__, "--tts-only-memory", "--threads", str(args.threads), "--tokens", "50"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    memory = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_gb"]
-    record("gpa_tts_only_peak_rss_gb", "gpa-hf: peak memory of a TTS-only process (float32)", memory, "GB")
+    if device == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 1024**3
+        record("gpu_peak_memory_gb", "peak GPU memory of this benchmark (all variants loaded)", memory, "GB")
+    else:
+        child = subprocess.run(
+            [sys.executable, __file__, "--tts-only-memory", "--threads", str(args.threads), "--tokens", "50"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        memory = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+        record("gpa_tts_only_peak_rss_gb", "gpa-hf: peak memory of a TTS-only process (float32)", memory, "GB")
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads"
     print(f"{'measurement':72s} {'value':>10s}  unit   ({device_name}, {args.tokens} tokens = {audio_seconds:g} s)")

@@ -82,6 +82,15 @@ def test_streaming_tts_writes_the_same_audio(converted_folder, tmp_path, capsys)
     assert 10 * np.log10(np.sum(offline**2) / np.sum((offline - streamed) ** 2)) > 30
 
 
+def test_static_decoding_flag_gives_the_same_audio(converted_folder, tmp_path, capsys):
+    args = ["tts", str(converted_folder), "--text", "Hello there", "--greedy", "--max-new-tokens", "40"]
+    assert main([*args, "--device", "cpu", "--output", str(tmp_path / "generate.wav")]) == 0
+    assert main([*args, "--device", "cpu", "--static-decoding", "--output", str(tmp_path / "static.wav")]) == 0
+    generated, _ = sf.read(tmp_path / "generate.wav")
+    static, _ = sf.read(tmp_path / "static.wav")
+    np.testing.assert_array_equal(static, generated)
+
+
 def test_errors_exit_non_zero_without_traceback(converted_folder, tmp_path, capsys):
     assert main(["asr", str(converted_folder), str(tmp_path / "missing.wav")]) == 1
     err = capsys.readouterr().err

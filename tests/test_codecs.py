@@ -132,3 +132,36 @@ def test_glm_input_is_resampled_from_any_rate(glm_tokenizer, expected):
     reference = expected["astro.glm_tokens"]
     assert resampled.shape == reference.shape
     assert (resampled == reference).float().mean() > 0.9
+
+
+def test_wav2vec2_layers_past_the_deepest_hidden_state_are_skipped(bicodec, tmp_path):
+    """A 6-layer semantic model read at hidden states 1-3 builds 4 layers, gives the full model's tokens, and
+    loads a checkpoint that holds all 6 layers."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Wav2Vec2Model
+
+    from gpa_hf import BiCodecModel
+
+    config = copy.deepcopy(bicodec[0].config)
+    config.semantic_model_config.num_hidden_layers = 6
+    config.semantic_hidden_layers = [1, 2, 3]
+    torch.manual_seed(0)
+    model = BiCodecModel(config).eval()
+    assert len(model.semantic_model.encoder.layers) == 4
+
+    full = copy.deepcopy(model)
+    full.semantic_model = Wav2Vec2Model(config.semantic_model_config).eval()
+    full.semantic_model.load_state_dict(model.semantic_model.state_dict(), strict=False)  # layers 4-5 stay random
+    audio = torch.randn(2, 16000)
+    with torch.no_grad():
+        assert torch.equal(model.encode(audio).semantic_codes, full.encode(audio).semantic_codes)
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.update({k: v for k, v in full.state_dict().items() if ".layers.4." in k or ".layers.5." in k})
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = BiCodecModel.from_pretrained(tmp_path)
+    state = model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())

@@ -34,23 +34,29 @@ def _split_model(values: list[str], files: str) -> tuple[str, list[str]]:
     return DEFAULT_MODEL, values
 
 
-def load_gpa(model_path: str, tasks=TASKS):
-    """A published-layout folder (converted in memory) or a gpa-hf folder / Hub id -> (model, processor)."""
+def load_gpa(model_path: str, tasks=TASKS, device: str = "cpu"):
+    """A published-layout folder (converted in memory) or a gpa-hf folder / Hub id -> (model, processor).
+
+    On a GPU the LM runs in bfloat16 (the audio tokenizers stay float32); on CPU everything is float32.
+    """
     from .convert_gpa_original_to_hf import is_original_layout, load_original_gpa
     from .modeling_gpa import GpaForConditionalGeneration
     from .processing_gpa import GpaProcessor
 
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if is_original_layout(model_path):
-        return load_original_gpa(model_path, tasks=tasks)
-    model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks)).eval()
-    return model, GpaProcessor.from_pretrained(model_path)
+        model, processor = load_original_gpa(model_path, tasks=tasks, dtype=dtype)
+        return model.to(device), processor
+    model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks), dtype=dtype).eval()
+    return model.to(device), GpaProcessor.from_pretrained(model_path)
 
 
 def _seeded_model(args, tasks):
-    """Seed the sampler when `--seed` is given, then load the model for `tasks`."""
+    """Seed the sampler when `--seed` is given, then load the model for `tasks` on `--device`."""
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
-    return load_gpa(args.model, tasks=tasks)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_gpa(args.model, tasks=tasks, device=device)
 
 
 def _generate_kwargs(args) -> dict:
@@ -61,6 +67,9 @@ def _generate_kwargs(args) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
+    for name in ("static_decoding", "compile_decoding"):
+        if getattr(args, name, False):
+            kwargs[name] = True
     return kwargs
 
 
@@ -269,6 +278,16 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
     parser.add_argument("--top-p", dest="top_p", type=float)
     parser.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    parser.add_argument("--device", help="where to run: cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--static-decoding",
+        dest="static_decoding",
+        action="store_true",
+        help="decode over a static KV cache, one CUDA graph per step on GPU (several times faster there)",
+    )
+    parser.add_argument(
+        "--compile", dest="compile_decoding", action="store_true", help="with --static-decoding: torch.compile it"
+    )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")
 

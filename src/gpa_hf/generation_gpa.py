@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import queue
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, Qwen3Model, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_gpa import GpaVocabularyLayout
@@ -175,6 +178,324 @@ class GpaAudioStreamer(BaseStreamer):
             yield chunk
 
 
+@dataclass(frozen=True)
+class StaticDecodingSettings:
+    """The generation settings the static decoding loop supports (all that GPA's task defaults use)."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    min_new_tokens: int
+
+    # Settings of `GenerationConfig` the loop does not implement, with the value at which they do nothing.
+    UNSUPPORTED = {
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "no_repeat_ngram_size": None,
+        "bad_words_ids": None,
+        "suppress_tokens": None,
+        "begin_suppress_tokens": None,
+        "sequence_bias": None,
+        "typical_p": 1.0,
+        "min_p": None,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "guidance_scale": None,
+        "encoder_repetition_penalty": 1.0,
+        "force_words_ids": None,
+        "constraints": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "exponential_decay_length_penalty": None,
+        "watermarking_config": None,
+        "assistant_model": None,
+        "return_dict_in_generate": False,
+        "output_scores": False,
+        "output_logits": False,
+    }
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> StaticDecodingSettings:
+        unsupported = [
+            f"{name}={getattr(config, name)!r}"
+            for name, inactive in cls.UNSUPPORTED.items()
+            if getattr(config, name, inactive) not in (inactive, None, [])
+        ]
+        if unsupported:
+            raise ValueError(
+                f"static_decoding supports greedy decoding and sampling with temperature, top_k, top_p, "
+                f"repetition_penalty and min_new_tokens; got {', '.join(unsupported)}"
+            )
+        sample = bool(config.do_sample)
+        return cls(
+            do_sample=sample,
+            temperature=float(config.temperature or 1.0) if sample else 1.0,
+            top_k=int(config.top_k or 0) if sample else 0,
+            top_p=float(config.top_p if config.top_p is not None else 1.0) if sample else 1.0,
+            repetition_penalty=float(config.repetition_penalty or 1.0),
+            min_new_tokens=int(config.min_new_tokens or 0),
+        )
+
+
+def gumbel_max_sample(scores: torch.Tensor) -> torch.LongTensor:
+    """One draw per row from softmax(`scores`), as `multinomial` would, without a host sync (graph-safe)."""
+    uniform = torch.rand_like(scores).clamp_(min=torch.finfo(scores.dtype).tiny)
+    return (scores - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+# `Qwen3Model.forward` names its cache argument `cache` in recent transformers, `past_key_values` before.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
+
+
+class GpaStaticDecoder:
+    """A decoding loop over a static KV cache for one task's output rows; on CUDA, each step is one graph replay.
+
+    The published LM is 28 small layers: on a GPU, `generate` spends a step mostly launching kernels and running
+    Python, not computing. This loop captures the whole step (LM forward over the static cache, logits of the
+    allowed rows only, repetition penalty, length budget, temperature / top-k / top-p, sampling) once as a CUDA
+    graph and replays it; the host looks for the end only every `sync_every` steps. Greedy decoding gives the
+    tokens of `generate`; sampling draws from the same distribution (Gumbel-max instead of `multinomial`).
+    On CPU the same step runs eagerly, which is what the tests compare with `generate`.
+
+    One decoder serves one (batch size, cache length, output rows, settings); [`GpaForConditionalGeneration`]
+    keeps the last few, so that repeated requests of one shape reuse their graph and cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: torch.LongTensor,
+        stop_token_id: int,
+        pad_token_id: int,
+        batch_size: int,
+        max_cache_len: int,
+        settings: StaticDecodingSettings,
+        compile_step: bool = False,
+    ):
+        device = model.device
+        self.model = model
+        # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
+        # fewer, so a step takes less time. Only the one-token step is compiled; prompts of any length run eagerly.
+        self.step_lm = torch.compile(model.model, dynamic=False) if compile_step else model.model
+        self.settings = settings
+        self.rows = rows.to(device)
+        self.head = torch.empty(0)
+        self.head_bias: torch.Tensor | None = None
+        self.refresh_output_rows()
+        stop_row = (self.rows == stop_token_id).nonzero()
+        if stop_row.numel() != 1:
+            raise ValueError(f"the stop token {stop_token_id} must be one of the output rows")
+        # Everything a step uses lives on the device (a CUDA graph cannot copy from host memory).
+        self.is_stop_row = self.rows == stop_token_id
+        self.stop_only = torch.zeros(self.rows.shape, device=device).masked_fill(~self.is_stop_row, float("-inf"))
+        self.stop_token_id = stop_token_id
+        self.pad_token_id = pad_token_id
+        self.max_cache_len = max_cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.kv_index = torch.arange(max_cache_len, device=device)
+        # Static buffers: the graph reads and writes these, and only these.
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # cache slot of the next token
+        self.generated = torch.zeros(1, dtype=torch.long, device=device)
+        self.padding = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_cache_len, dtype=torch.bool, device=device)
+        self.budgets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch_size, self.rows.numel(), dtype=torch.bool, device=device)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # new tokens up to the stop
+        self.output = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def refresh_output_rows(self) -> None:
+        """Copy the allowed rows of the output layer in place (the graph reads this buffer), for current weights."""
+        head = self.model.lm_head
+        if isinstance(head, GpaAllowedRowsHead):
+            raise ValueError("static decoding needs the full output layer, not an allowed-rows head")
+        weight = head.weight.detach()[self.rows]
+        if self.head.shape != weight.shape:
+            self.head = weight.contiguous()
+            self.head_bias = None if head.bias is None else head.bias.detach()[self.rows].contiguous()
+            return
+        self.head.copy_(weight)
+        if self.head_bias is not None:
+            self.head_bias.copy_(head.bias.detach()[self.rows])
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def next_token_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The allowed rows' logits `(batch, rows)` after the processors and warpers `generate` would apply."""
+        settings = self.settings
+        if settings.repetition_penalty != 1.0:
+            penalised = torch.where(
+                logits > 0, logits / settings.repetition_penalty, logits * settings.repetition_penalty
+            )
+            logits = torch.where(self.seen, penalised, logits)
+        if settings.min_new_tokens > 0:
+            logits = logits.masked_fill((self.generated < settings.min_new_tokens) & self.is_stop_row, float("-inf"))
+        logits = torch.where((self.generated >= self.budgets)[:, None], self.stop_only, logits)
+        if settings.do_sample:
+            logits = logits / settings.temperature
+            if 0 < settings.top_k < logits.shape[-1]:
+                kth = logits.topk(settings.top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if settings.top_p < 1.0:
+                ordered, order = logits.sort(dim=-1)
+                dropped = ordered.softmax(-1).cumsum(-1) <= 1 - settings.top_p
+                dropped = torch.cat([dropped[:, :-1], dropped.new_zeros(dropped.shape[0], 1)], dim=1)  # keep the top
+                logits = logits.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
+        return logits
+
+    def select(self, hidden: torch.Tensor) -> None:
+        """Pick each row's next token from the last hidden states `(batch, hidden)`, and record it."""
+        scores = self.next_token_scores(nn.functional.linear(hidden, self.head, self.head_bias).float())
+        choice = gumbel_max_sample(scores) if self.settings.do_sample else scores.argmax(-1)
+        token = self.rows[choice].masked_fill(self.finished, self.pad_token_id)
+        self.lengths.copy_(torch.where(self.finished, self.lengths, self.generated + 1))
+        self.finished |= token == self.stop_token_id
+        self.seen.scatter_(1, choice[:, None], True)
+        self.output.index_copy_(1, self.generated, token[:, None])
+        self.token.copy_(token)
+        self.generated += 1
+
+    def forward_step(self) -> None:
+        """One LM step for the tokens in `self.token`, then `select`."""
+        mask = (self.kv_index <= self.position)[None, None, None, :] & self.valid[:, None, None, :]
+        hidden = self.step_lm(
+            input_ids=self.token[:, None],
+            attention_mask={"full_attention": mask},
+            position_ids=(self.position - self.padding)[:, None],
+            use_cache=True,
+            **{CACHE_ARGUMENT: self.cache},
+        ).last_hidden_state[:, -1]
+        self.select(hidden)
+        self.position += 1
+
+    def step(self) -> None:
+        if self.model.device.type != "cuda":
+            self.forward_step()
+            return
+        if self.graph is None:
+            # Warm up on a side stream (as CUDA graph capture requires), doing this step's real work, then capture
+            # the next one: capture records kernels without running them, so the buffers stay as they are.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.forward_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.forward_step()
+            return
+        self.graph.replay()
+
+    # ---- a request -----------------------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, budgets: torch.Tensor) -> None:
+        """Reset the buffers and the cache, run the prompts (left-padded) and pick the first new tokens."""
+        length = input_ids.shape[1]
+        self.cache.reset()
+        valid = attention_mask.bool()
+        self.valid.fill_(True)  # every slot after the prompt holds a new token
+        self.valid[:, :length] = valid
+        self.padding.copy_((~valid).sum(-1))
+        self.budgets.copy_(budgets)
+        self.finished.zero_()
+        self.lengths.zero_()
+        self.generated.zero_()
+        self.output.fill_(self.pad_token_id)
+        # Repetition penalty covers the prompt too, as in `generate`.
+        slots = torch.searchsorted(self.rows, input_ids).clamp(max=self.rows.numel() - 1)
+        hits = torch.zeros(self.seen.shape, dtype=torch.long, device=input_ids.device)
+        self.seen.copy_(hits.scatter_add_(1, slots, (self.rows[slots] == input_ids).long()) > 0)
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+        query = torch.arange(length, device=input_ids.device)[:, None]
+        # Causal over the real tokens; a padding position sees only itself (a row with nothing to attend to would
+        # give NaN, which the next layers' attention would spread even through zero weights).
+        mask = ((self.kv_index <= query) & self.valid[:, None, :]) | (self.kv_index == query)
+        hidden = self.model.model(
+            input_ids=input_ids,
+            attention_mask={"full_attention": mask[:, None]},
+            position_ids=positions,
+            use_cache=True,
+            **{CACHE_ARGUMENT: self.cache},
+        ).last_hidden_state[:, -1]
+        self.select(hidden)
+        self.position.fill_(length)
+
+    def decode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        budgets: torch.Tensor,
+        max_new_tokens: int,
+        streamer: BaseStreamer | None = None,
+        sync_every: int | None = None,
+    ) -> torch.LongTensor:
+        """Prompts + new tokens, finished rows padded with `pad_token_id`, as `generate` returns them.
+
+        Steps run in groups of `sync_every` between two looks at the host (default: 8, or 1 with a streamer, which
+        then gets each token as soon as it exists); steps after every row has stopped only write padding, which
+        is cut off, so the result does not depend on `sync_every`.
+        """
+        sync_every = sync_every or (1 if streamer is not None else 8)
+        # Always in inference mode, so that the cache and buffers are used the same way from any caller or thread
+        # (inference mode is per thread); the result is cloned outside it, into an ordinary tensor.
+        with torch.inference_mode():
+            sequences = self._decode(input_ids, attention_mask, budgets, max_new_tokens, streamer, sync_every)
+        return sequences.clone()
+
+    def _decode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        budgets: torch.Tensor,
+        max_new_tokens: int,
+        streamer: BaseStreamer | None,
+        sync_every: int,
+    ) -> torch.LongTensor:
+        if input_ids.shape[1] + max_new_tokens + sync_every > self.max_cache_len:
+            raise ValueError(
+                f"{input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache ({self.max_cache_len})"
+            )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        self.refresh_output_rows()  # the model may have been trained since the last request
+        self.prefill(input_ids, attention_mask, budgets)
+        done, streamed = 1, 0
+        while True:
+            if done % sync_every == 0 or done >= max_new_tokens:
+                all_finished = bool(self.finished.all())
+                end = min(done, int(self.lengths.max())) if all_finished else done
+                if streamer is not None:
+                    for column in self.output[:, streamed:end].cpu().t():
+                        streamer.put(column)
+                    streamed = end
+                if all_finished or done >= max_new_tokens:
+                    break
+            self.step()
+            done += 1
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids, self.output[:, :end]], dim=1)
+
+
+class GpaStaticDecoderCache(OrderedDict):
+    """The last `size` decoders of a model, by shape and settings (each holds a KV cache and a CUDA graph)."""
+
+    def __init__(self, size: int = 4):
+        super().__init__()
+        self.size = size
+
+    def get_or_create(self, key: tuple, create: Callable[[], GpaStaticDecoder]) -> GpaStaticDecoder:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        while len(self) >= self.size:
+            self.popitem(last=False)
+        self[key] = decoder = create()
+        return decoder
+
+
 # Below this share of allowed rows, computing only those rows pays off (ASR allows ~85% of them: not worth it).
 ALLOWED_ROWS_MAX_FRACTION = 0.5
 
@@ -184,8 +505,12 @@ __all__ = [
     "TASK_GENERATION_DEFAULTS",
     "GpaAllowedRowsHead",
     "GpaAudioStreamer",
+    "GpaStaticDecoder",
+    "GpaStaticDecoderCache",
     "GpaTaskLogitsProcessor",
+    "StaticDecodingSettings",
     "allowed_token_mask",
     "build_generation_config",
+    "gumbel_max_sample",
     "length_budget",
 ]

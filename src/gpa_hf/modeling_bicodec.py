@@ -6,6 +6,7 @@ speaker-conditioned ConvNeXt prenet and a DAC wave generator. Every sequence op 
 of clips gives each clip exactly what it gets alone.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -482,6 +483,26 @@ class BiCodecWaveGenerator(nn.Module):
         return (torch.tanh(hidden_states) * mask).squeeze(1)
 
 
+def semantic_model_config_in_use(config: BiCodecConfig):
+    """The semantic model's config cut after the deepest layer BiCodec reads, and a pattern for the other layers.
+
+    BiCodec averages wav2vec2 hidden states `semantic_hidden_layers` (11, 14, 16 of the published 24 layers);
+    hidden state `i` is the output of layer `i` (before the final layer norm, which only the last one gets), so
+    layers past the deepest index never change a token. They are not built (7 of 24 published layers: about
+    30% of wav2vec2's time and 350 MB), and their checkpoint weights are skipped on load.
+    Returns (config, a regex that finds the skipped layers' keys, or None).
+    """
+    semantic_config = config.semantic_model_config
+    layers = semantic_config.num_hidden_layers
+    needed = max(config.semantic_hidden_layers) + 1
+    if needed >= layers:
+        return semantic_config, None
+    semantic_config = copy.deepcopy(semantic_config)
+    semantic_config.num_hidden_layers = needed
+    skipped = "|".join(str(index) for index in range(needed, layers))
+    return semantic_config, rf"semantic_model\.encoder\.layers\.({skipped})\."
+
+
 class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
     config: BiCodecConfig
     base_model_prefix = "bicodec"
@@ -544,8 +565,11 @@ class BiCodecModel(BiCodecPreTrainedModel):
     def __init__(self, config: BiCodecConfig):
         super().__init__(config)
         if config.include_semantic_encoder:
-            self.semantic_model = AutoModel.from_config(config.semantic_model_config)
+            semantic_config, unused_layers = semantic_model_config_in_use(config)
+            self.semantic_model = AutoModel.from_config(semantic_config)
             self.encoder = BiCodecFeatureEncoder(config)
+            if unused_layers:
+                self._keys_to_ignore_on_load_unexpected = [unused_layers]
         else:
             self.semantic_model = None
             self.encoder = None

@@ -21,7 +21,10 @@ from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
+    GpaStaticDecoder,
+    GpaStaticDecoderCache,
     GpaTaskLogitsProcessor,
+    StaticDecodingSettings,
     allowed_token_mask,
     length_budget,
 )
@@ -62,6 +65,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if "asr" not in config.tasks:
             self._keys_to_ignore_on_load_unexpected = [r"^speech_tokenizer\."]
         self.post_init()
+        self.static_decoders = GpaStaticDecoderCache()
         if not config.needs_audio_encoders:
             self._keys_to_ignore_on_load_unexpected.update([r"^bicodec\.semantic_model\.", r"^bicodec\.encoder\."])
 
@@ -239,6 +243,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         logits_processor: LogitsProcessorList | None = None,
         streamer=None,
         restrict_output: bool = True,
+        static_decoding: bool = False,
+        compile_decoding: bool = False,
         **kwargs,
     ):
         """Generate for a prompt from [`GpaProcessor`]; `generate` kwargs (sampling, `max_new_tokens`...) pass through.
@@ -250,6 +256,12 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             output_audio: for TTS / VC, return a [`GpaGenerateOutput`] with decoded waveforms.
             streamer: a `transformers` streamer; it receives the new token ids as they are generated.
             restrict_output: compute logits only for the rows the task may emit (TTS / VC); same outputs, faster.
+            static_decoding: decode with [`GpaStaticDecoder`] (static KV cache; on CUDA each step is one CUDA graph
+                replay, several times faster than `generate` for this small LM). Greedy decoding gives the same
+                tokens; sampling draws from the same distribution. Supports the sampling settings GPA's tasks use
+                (temperature, top_k, top_p, repetition_penalty, min_new_tokens) and raises for others.
+            compile_decoding: with `static_decoding`, compile the decoding step with `torch.compile` (fewer, fused
+                kernels per step: faster on GPU once compiled; the first request of a shape pays the compilation).
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")
@@ -268,6 +280,15 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         config.max_new_tokens = int(budgets.max()) + 1
         config.eos_token_id = layout.stop
         allowed = allowed_token_mask(task, layout, self.config.vocab_size)
+        if static_decoding:
+            if logits_processor:
+                raise ValueError("static_decoding does not run extra logits processors; use generate without it")
+            sequences = self.static_decode(
+                input_ids, attention_mask, task, allowed, budgets, config, streamer, compile_decoding
+            )
+            if not output_audio:
+                return sequences
+            return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
         constraint = GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets)
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(constraint)
@@ -283,6 +304,34 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if not output_audio:
             return outputs
         return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
+
+    def static_decode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        task: str,
+        allowed: torch.BoolTensor,
+        budgets: torch.LongTensor,
+        config: GenerationConfig,
+        streamer=None,
+        compile_step: bool = False,
+    ) -> torch.LongTensor:
+        """`generate`'s `static_decoding=True` path: reuse (or build) the decoder of this shape and run it."""
+        settings = StaticDecodingSettings.from_generation_config(config)
+        # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph.
+        needed = input_ids.shape[1] + config.max_new_tokens + 8
+        max_cache_len = -(-needed // 256) * 256
+        pad = config.pad_token_id if config.pad_token_id is not None else self.config.layout.stop
+        key = (task, input_ids.shape[0], max_cache_len, settings, pad, compile_step, self.device, self.dtype)
+
+        def create() -> GpaStaticDecoder:
+            rows = allowed[: self.config.vocab_size].nonzero().squeeze(-1)
+            return GpaStaticDecoder(
+                self, rows, self.config.layout.stop, pad, input_ids.shape[0], max_cache_len, settings, compile_step
+            )
+
+        decoder = self.static_decoders.get_or_create(key, create)
+        return decoder.decode(input_ids, attention_mask, budgets.to(self.device), config.max_new_tokens, streamer)
 
     # ---- streaming -------------------------------------------------------------------------------------
     def generate_stream(

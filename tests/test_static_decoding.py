@@ -1,0 +1,172 @@
+"""Static decoding (`generate(static_decoding=True)`): the same tokens as `generate`, in one reusable loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FIXTURES
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import gpa_hf
+from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+from gpa_hf.generation_gpa import GpaStaticDecoder, StaticDecodingSettings, allowed_token_mask, gumbel_max_sample
+
+HELDOUT = FIXTURES / "gpa_tiny_heldout"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The embedded gpa-tiny: trained, so its outputs stop on their own at different lengths."""
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval()
+    return model, GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[str]:
+    return [str(HELDOUT / row["audio"]) for row in json.loads((HELDOUT / "clips.json").read_text())]
+
+
+def requests(processor, clips: list[str]) -> dict:
+    return {
+        "tts": processor(task="tts", text=["three one four", "nine", "two two eight five"]),
+        "asr": processor(task="asr", audio=clips[:3]),
+        "vc": processor(task="vc", audio=clips[:2], voice=clips[2]),
+    }
+
+
+@pytest.mark.parametrize("task", ["tts", "asr", "vc"])
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_greedy_static_decoding_equals_generate(tiny, clips, task, repetition_penalty):
+    model, processor = tiny
+    inputs = requests(processor, clips)[task]  # a left-padded batch of prompts of different lengths
+    settings = {"do_sample": False, "repetition_penalty": repetition_penalty}
+    expected = model.generate(**inputs, task=task, **settings)
+    assert torch.equal(model.generate(**inputs, task=task, static_decoding=True, **settings), expected)
+
+
+def test_decoder_is_reused_and_reset_between_requests(tiny, clips):
+    model, processor = tiny
+    model.static_decoders.clear()
+    results = []
+    for text in (["one two", "seven"], ["eight eight", "three"]):  # same batch size and cache length
+        inputs = processor(task="tts", text=text)
+        expected = model.generate(**inputs, do_sample=False)
+        results.append(torch.equal(model.generate(**inputs, do_sample=False, static_decoding=True), expected))
+    assert results == [True, True]
+    assert len(model.static_decoders) == 1
+
+
+def test_result_does_not_depend_on_how_often_the_host_checks(tiny):
+    model, processor = tiny
+    inputs = processor(task="tts", text=["four four", "six"])
+    allowed = allowed_token_mask("tts", model.config.layout, model.config.vocab_size)
+    settings = StaticDecodingSettings(False, 1.0, 0, 1.0, 1.0, 0)
+    decoder = GpaStaticDecoder(model, allowed.nonzero().squeeze(-1), model.config.layout.stop, 0, 2, 512, settings)
+    budgets = torch.tensor([150, 150])
+    outputs = [
+        decoder.decode(inputs["input_ids"], inputs["attention_mask"], budgets, 151, sync_every=n) for n in (1, 8)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+    new = outputs[0][:, inputs["input_ids"].shape[1] :]
+    assert (new == model.config.layout.stop).any(-1).all()  # every row stopped, and nothing after the last stop
+    assert (new[:, -1] == model.config.layout.stop).any()
+
+
+def test_processed_scores_equal_the_transformers_processors(tiny):
+    model, _ = tiny
+    layout = model.config.layout
+    allowed = allowed_token_mask("tts", layout, model.config.vocab_size)
+    rows = allowed.nonzero().squeeze(-1)
+    settings = StaticDecodingSettings(True, 0.7, 20, 0.9, 1.3, 0)
+    decoder = GpaStaticDecoder(model, rows, layout.stop, 0, 2, 256, settings)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, rows.numel(), generator=generator) * 3
+    history = rows[torch.randint(0, rows.numel() - 1, (2, 12), generator=generator)]
+    decoder.seen.zero_()
+    for row, ids in enumerate(history):
+        decoder.seen[row] = torch.isin(rows, ids)
+    decoder.budgets.fill_(100)
+    decoder.generated.fill_(5)
+
+    full = torch.full((2, model.config.vocab_size), float("-inf"))
+    full[:, rows] = logits
+    hf = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+        ]
+    )(history, full)
+    ours = decoder.next_token_scores(logits)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(hf[:, rows]))
+    torch.testing.assert_close(ours.softmax(-1), hf[:, rows].softmax(-1))
+
+
+def test_gumbel_max_draws_follow_the_softmax():
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).expand(40_000, -1)
+    counts = torch.bincount(gumbel_max_sample(scores), minlength=5).float() / scores.shape[0]
+    torch.testing.assert_close(counts, scores[0].softmax(-1), atol=0.01, rtol=0)
+    assert counts[-1] == 0
+
+
+def test_static_decoding_streams_the_offline_waveform(tiny):
+    model, processor = tiny
+    inputs = processor(task="tts", text="five one seven")
+    offline = model.generate(**inputs, do_sample=False, output_audio=True).audio[0]
+    chunks = list(model.generate_stream(**inputs, do_sample=False, static_decoding=True, first_chunk_tokens=7))
+    joined = torch.cat(chunks)
+    assert joined.numel() == offline.numel()
+    assert 10 * torch.log10(offline.pow(2).sum() / (offline - joined).pow(2).sum().clamp(min=1e-20)) > 30
+
+
+def test_unsupported_settings_are_named(tiny):
+    model, processor = tiny
+    inputs = processor(task="tts", text="one")
+    with pytest.raises(ValueError, match="num_beams=2"):
+        model.generate(**inputs, static_decoding=True, num_beams=2)
+    with pytest.raises(ValueError, match="logits processors"):
+        model.generate(**inputs, static_decoding=True, logits_processor=LogitsProcessorList([TopKLogitsWarper(3)]))
+
+
+@pytest.fixture(scope="module")
+def tiny_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().to("cuda")
+    return model, GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+
+
+def test_cuda_graph_decoding_equals_generate(tiny_on_gpu, clips):
+    model, processor = tiny_on_gpu
+    for task, inputs in requests(processor, clips).items():
+        expected = model.generate(**inputs, task=task, do_sample=False)
+        for _ in range(2):  # the second request replays the graph captured during the first
+            assert torch.equal(model.generate(**inputs, task=task, do_sample=False, static_decoding=True), expected)
+
+
+def test_compiled_cuda_graph_decoding_equals_generate(tiny_on_gpu, clips):
+    model, processor = tiny_on_gpu
+    inputs = requests(processor, clips)["tts"]
+    expected = model.generate(**inputs, do_sample=False)
+    for _ in range(2):
+        result = model.generate(**inputs, do_sample=False, static_decoding=True, compile_decoding=True)
+        assert torch.equal(result, expected)
+
+
+def test_cuda_graph_streaming_joins_to_the_offline_waveform(tiny_on_gpu):
+    model, processor = tiny_on_gpu
+    inputs = processor(task="tts", text="five one seven")
+    offline = model.generate(**inputs, do_sample=False, static_decoding=True, output_audio=True).audio[0]
+    joined = torch.cat(list(model.generate_stream(**inputs, do_sample=False, static_decoding=True)))
+    assert joined.numel() == offline.numel()
+    assert 10 * torch.log10(offline.pow(2).sum() / (offline - joined).pow(2).sum().clamp(min=1e-20)) > 30

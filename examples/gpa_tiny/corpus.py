@@ -73,7 +73,12 @@ def build_corpus(
     """
     folder = Path(folder)
     files = {name: folder / f"{name}.jsonl" for name in ("train", "heldout_asr", "heldout_tts", "heldout_vc")}
-    settings = {"train_utterances": train_utterances, "heldout_utterances": heldout_utterances, "seed": seed}
+    settings = {
+        "train_utterances": train_utterances,
+        "heldout_utterances": heldout_utterances,
+        "seed": seed,
+        "rows": "stt rows name their speaker",
+    }
     done = folder / "settings.json"
     if reuse and done.is_file() and json.loads(done.read_text()) == settings:
         print(f"reusing the corpus in {folder}")
@@ -106,12 +111,13 @@ def build_corpus(
     for row in train:
         by_speaker.setdefault(row["speaker"], []).append(row)
 
-    # Training rows: ASR on every clip; TTS with another clip of the same speaker as the voice; VC between two
-    # speakers saying the same text, made by speaking the text again in the target voice.
+    # Training rows: ASR on every clip (with its speaker, for the codec's speaker loss); TTS with another clip of
+    # the same speaker as the voice; VC between two speakers saying the same text, made by speaking the text again
+    # in the target voice.
     jsonl_rows = []
     for row in train:
         others = [r for r in by_speaker[row["speaker"]] if r is not row] or [row]
-        jsonl_rows.append({"task": "stt", "audio": row["audio"], "text": row["text"]})
+        jsonl_rows.append({"task": "stt", "audio": row["audio"], "text": row["text"], "speaker": row["speaker"]})
         jsonl_rows.append(
             {"task": "tts-a", "audio": row["audio"], "text": row["text"], "ref_audio": rng.choice(others)["audio"]}
         )

@@ -7,7 +7,10 @@ Stages (each prints its progress; the whole recipe takes about an hour on 2 core
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
      waveform (multi-resolution mel loss) through its 64-code semantic VQ and 32 speaker FSQ tokens, with a
-     character CTC head on the semantic latents so that the tokens follow the content;
+     character CTC head on the semantic latents so that the tokens follow the content. The speaker tokens are
+     taken from another clip of the same speaker and trained to tell the training speakers apart, so that they
+     carry the voice rather than the clip; the decoded audio must give the semantic encoder the features of the
+     original (the content survives resynthesis);
    - a GLM-style speech tokenizer (Whisper encoder layers, 12.5 Hz, 64 codes) trained with a word CTC head;
 3. the LM: a small Qwen3 trained with the stock Trainer on the prepared TTS / ASR / VC sequences, in two cycles of
    3 epochs (each with its own warm-up and cosine decay; the model is saved after each, and `--first-cycle 2`
@@ -61,6 +64,8 @@ TOKENIZER_SOURCE = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint_original_l
 CHARACTERS = " abcdefghijklmnopqrstuvwxyz"
 DECODER_WINDOW = 32  # semantic frames (0.64 s) of audio per clip and step for the wave generator
 EARLY_RESTARTS = (10,)  # the step at which unused codewords are first moved onto the data
+SPEAKER_LOSS_WEIGHT = 0.5
+CONSISTENCY_LOSS_WEIGHT = 0.5
 
 
 def bicodec_config() -> BiCodecConfig:
@@ -173,6 +178,33 @@ def vq_straight_through(latents: torch.Tensor, codebook: torch.Tensor, cosine: b
     return latents + (quantized - latents).detach(), codes, loss
 
 
+def semantic_features(bicodec: BiCodecModel, input_values: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The semantic encoder's features (mean of the configured hidden layers), `(batch, frames, hidden)`."""
+    hidden = bicodec.semantic_model(input_values, attention_mask=attention_mask, output_hidden_states=True)
+    return torch.stack([hidden.hidden_states[i] for i in bicodec.config.semantic_hidden_layers]).mean(0)
+
+
+def resynthesis_consistency(bicodec: BiCodecModel, decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """L1 between the semantic encoder's features of decoded and original windows, on the frames in `mask`.
+
+    The encoder is held fixed for this term (no gradient, eval mode; it has no dropout, so eval mode computes the
+    same function): only the decoder learns from it, else the features could collapse.
+    """
+
+    def normalised(audio: torch.Tensor) -> torch.Tensor:  # as the feature extractor normalises input_values
+        return (audio - audio.mean(-1, keepdim=True)) / torch.sqrt(audio.var(-1, keepdim=True) + 1e-7)
+
+    bicodec.semantic_model.requires_grad_(False).eval()
+    with torch.no_grad():
+        wanted = semantic_features(bicodec, normalised(target))
+    produced = semantic_features(bicodec, normalised(decoded))
+    bicodec.semantic_model.requires_grad_(True).train()
+    frames = min(produced.shape[1], mask.shape[-1])
+    weights = mask[:, 0, :frames]
+    distance = (produced[:, :frames] - wanted[:, :frames]).abs().mean(-1)
+    return (distance * weights).sum() / weights.sum().clamp(min=1)
+
+
 def restart_dead_codes(codebook: torch.nn.Parameter, usage: torch.Tensor, latents: torch.Tensor) -> int:
     """Move codewords unused since the last restart onto random current latents (keeps all codes alive)."""
     dead = (usage == 0).nonzero().squeeze(-1)
@@ -193,7 +225,7 @@ def prepare_for_training(bicodec: BiCodecModel) -> None:
     for name, module in bicodec.named_modules():
         if not isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
             continue
-        if name.startswith("speaker_encoder") or parametrize.is_parametrized(module):
+        if parametrize.is_parametrized(module):
             continue
         module.reset_parameters()
         if name.startswith("decoder"):
@@ -210,7 +242,7 @@ def fold_weight_norm(bicodec: BiCodecModel) -> None:
 def train_audio_tokenizers(
     rows: list[dict], folder: Path, steps: int, batch_size: int, seed: int, learning_rate: float = 3e-4
 ):
-    """Train BiCodec and the GLM tokenizer together on (audio, text) rows; returns both models and extractors."""
+    """Train BiCodec and the GLM tokenizer together on (audio, text, speaker) rows; returns models and extractors."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     bicodec = BiCodecModel(bicodec_config()).train()
@@ -220,9 +252,15 @@ def train_audio_tokenizers(
     glm_features = GlmSpeechTokenizerFeatureExtractor(feature_size=glm.config.num_mel_bins)
     char_head = torch.nn.Linear(bicodec.config.hidden_size, len(CHARACTERS) + 1)
     word_head = torch.nn.Linear(glm.config.d_model, len(DIGITS) + 1)
+    speakers = sorted({row["speaker"] for row in rows})
+    speaker_of = [speakers.index(row["speaker"]) for row in rows]
+    clips_of: dict[int, list[int]] = {}
+    for index, speaker in enumerate(speaker_of):
+        clips_of.setdefault(speaker, []).append(index)
+    speaker_head = torch.nn.Linear(bicodec.config.hidden_size, len(speakers))
     mel_loss = MultiResolutionMelLoss()
     # Two optimisers, clipped apart: the GLM tokenizer's gradients must not scale down the codec's.
-    codec_parameters = [*bicodec.parameters(), *char_head.parameters()]
+    codec_parameters = [*bicodec.parameters(), *char_head.parameters(), *speaker_head.parameters()]
     glm_parameters = [*glm.parameters(), *word_head.parameters()]
     optimizers = [
         torch.optim.AdamW(codec_parameters, lr=learning_rate, betas=(0.8, 0.99)),
@@ -244,10 +282,7 @@ def train_audio_tokenizers(
         targets = [bicodec_features.prepare_waveform(clip, 16000) for clip in clips]
 
         # semantic path
-        hidden = bicodec.semantic_model(
-            inputs["input_values"], attention_mask=inputs["attention_mask"], output_hidden_states=True
-        ).hidden_states
-        features = torch.stack([hidden[i] for i in bicodec.config.semantic_hidden_layers]).mean(0)
+        features = semantic_features(bicodec, inputs["input_values"], inputs["attention_mask"])
         lengths = bicodec.semantic_lengths(inputs["attention_mask"].sum(-1))
         mask = (torch.arange(features.shape[1])[None] < lengths[:, None]).float()[:, None]
         latents = bicodec.encoder(features.transpose(1, 2), mask)
@@ -261,13 +296,16 @@ def train_audio_tokenizers(
         log_probs = char_head(latents.transpose(1, 2)).log_softmax(-1).transpose(0, 1)
         char_ctc = F.ctc_loss(log_probs, characters, lengths, character_lengths, zero_infinity=True)
 
-        # speaker path: FSQ with a straight-through round
+        # speaker path, on another clip of the same speaker: FSQ with a straight-through round
+        references = [rng.choice([j for j in clips_of[speaker_of[i]] if j != i] or [i]) for i in batch]
+        reference_values = bicodec_features.speaker_inputs([waveforms[j] for j in references], sampling_rate=16000)
         fsq = bicodec.speaker_encoder.quantizer
-        speaker = bicodec.speaker_encoder.latents(bicodec.reference_mel(inputs["reference_values"]))
+        speaker = bicodec.speaker_encoder.latents(bicodec.reference_mel(reference_values["reference_values"]))
         bounded = fsq.bound(fsq.project_in(speaker))
         rounded = bounded + (torch.round(bounded) - bounded).detach()
         speaker_quantized = fsq.project_out(rounded / (fsq.levels // 2))
         d_vector = bicodec.speaker_encoder.project(speaker_quantized.transpose(1, 2).reshape(len(batch), -1))
+        speaker_loss = F.cross_entropy(speaker_head(d_vector), torch.tensor([speaker_of[i] for i in batch]))
 
         # decoder, on a random window of DECODER_WINDOW frames per clip (as vocoders are trained: segments)
         conditioned = bicodec.prenet(decoder_latents, d_vector, mask) + d_vector[..., None]
@@ -281,6 +319,7 @@ def train_audio_tokenizers(
             segment = waveform[start * hop : min(length, start + DECODER_WINDOW) * hop]
             target[row, : segment.shape[0]] = torch.from_numpy(segment)
         reconstruction = mel_loss(decoded, target)
+        consistency = resynthesis_consistency(bicodec, decoded, target, window_mask)
 
         # GLM tokenizer: word CTC on the encoder output; its codebook follows the output (k-means-like)
         glm_inputs = glm_features(clips, sampling_rate=16000)
@@ -293,7 +332,15 @@ def train_audio_tokenizers(
         word_log_probs = word_head(glm_hidden).log_softmax(-1).transpose(0, 1)
         word_ctc = F.ctc_loss(word_log_probs, words, glm_lengths, word_lengths, zero_infinity=True)
 
-        loss = reconstruction + semantic_vq_loss + 0.2 * char_ctc + word_ctc + glm_vq_loss
+        loss = (
+            reconstruction
+            + CONSISTENCY_LOSS_WEIGHT * consistency
+            + SPEAKER_LOSS_WEIGHT * speaker_loss
+            + semantic_vq_loss
+            + 0.2 * char_ctc
+            + word_ctc
+            + glm_vq_loss
+        )
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -307,7 +354,8 @@ def train_audio_tokenizers(
             restart_dead_codes(glm.codebook.weight, glm_usage, glm_hidden)
         if step % 25 == 0 or step == 1:
             print(
-                f"[audio tokenizers] step {step}/{steps}  mel {reconstruction.item():.3f}  char-ctc "
+                f"[audio tokenizers] step {step}/{steps}  mel {reconstruction.item():.3f}  resynthesis "
+                f"{consistency.item():.3f}  speaker {speaker_loss.item():.3f}  char-ctc "
                 f"{char_ctc.item():.3f}  word-ctc {word_ctc.item():.3f}  vq {semantic_vq_loss.item():.4f}/"
                 f"{glm_vq_loss.item():.4f}  {time.perf_counter() - started:.0f} s",
                 flush=True,
@@ -353,7 +401,7 @@ def main() -> int:
     parser.add_argument("--output-dir", default="gpa-tiny")
     parser.add_argument("--utterances", type=int, default=4000)
     parser.add_argument("--heldout", type=int, default=100)
-    parser.add_argument("--codec-steps", type=int, default=1500)
+    parser.add_argument("--codec-steps", type=int, default=2500)
     parser.add_argument("--codec-batch-size", type=int, default=8)
     parser.add_argument("--codec-learning-rate", type=float, default=5e-4)
     parser.add_argument("--lm-hidden-size", type=int, default=192)

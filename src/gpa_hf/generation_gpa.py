@@ -283,6 +283,7 @@ class GpaStaticDecoder:
         self.rows = rows.to(device)
         self.head = torch.empty(0)
         self.head_bias: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.refresh_output_rows()
         stop_row = (self.rows == stop_token_id).nonzero()
         if stop_row.numel() != 1:
@@ -306,21 +307,30 @@ class GpaStaticDecoder:
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # new tokens up to the stop
         self.output = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
 
     def refresh_output_rows(self) -> None:
-        """Copy the allowed rows of the output layer in place (the graph reads this buffer), for current weights."""
+        """Point the step at the current output weights (the model may have been trained since the last request).
+
+        Few allowed rows (TTS / VC): a copy of those rows, refreshed in place (the graph reads this buffer). Most
+        rows (ASR): the full layer itself, no copy, and the allowed logits are gathered after it.
+        """
         head = self.model.lm_head
         if isinstance(head, GpaAllowedRowsHead):
             raise ValueError("static decoding needs the full output layer, not an allowed-rows head")
-        weight = head.weight.detach()[self.rows]
-        if self.head.shape != weight.shape:
-            self.head = weight.contiguous()
-            self.head_bias = None if head.bias is None else head.bias.detach()[self.rows].contiguous()
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        self.gather_rows = self.rows.numel() > ALLOWED_ROWS_MAX_FRACTION * weight.shape[0]
+        if self.gather_rows:
+            if self.head.data_ptr() != weight.data_ptr():  # new storage: a captured graph would read the old one
+                self.graph = None
+            self.head, self.head_bias = weight, bias
             return
-        self.head.copy_(weight)
-        if self.head_bias is not None:
-            self.head_bias.copy_(head.bias.detach()[self.rows])
+        if self.head.shape != (self.rows.numel(), weight.shape[1]):
+            self.head = weight[self.rows].contiguous()
+            self.head_bias = None if bias is None else bias[self.rows].contiguous()
+            return
+        self.head.copy_(weight[self.rows])
+        if bias is not None:
+            self.head_bias.copy_(bias[self.rows])
 
     # ---- one step ------------------------------------------------------------------------------------------
     def next_token_scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -348,7 +358,10 @@ class GpaStaticDecoder:
 
     def select(self, hidden: torch.Tensor) -> None:
         """Pick each row's next token from the last hidden states `(batch, hidden)`, and record it."""
-        scores = self.next_token_scores(nn.functional.linear(hidden, self.head, self.head_bias).float())
+        logits = nn.functional.linear(hidden, self.head, self.head_bias)
+        if self.gather_rows:
+            logits = logits.index_select(-1, self.rows)
+        scores = self.next_token_scores(logits.float())
         choice = gumbel_max_sample(scores) if self.settings.do_sample else scores.argmax(-1)
         token = self.rows[choice].masked_fill(self.finished, self.pad_token_id)
         self.lengths.copy_(torch.where(self.finished, self.lengths, self.generated + 1))

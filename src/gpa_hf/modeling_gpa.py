@@ -283,26 +283,23 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if static_decoding:
             if logits_processor:
                 raise ValueError("static_decoding does not run extra logits processors; use generate without it")
-            sequences = self.static_decode(
+            outputs = self.static_decode(
                 input_ids, attention_mask, task, allowed, budgets, config, streamer, compile_decoding
             )
-            if not output_audio:
-                return sequences
-            return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
-        constraint = GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets)
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(constraint)
-        with self.allowed_rows_output(allowed) if restrict_output else nullcontext():
-            outputs = super().generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                logits_processor=processors,
-                streamer=streamer,
-            )
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        else:
+            processors = LogitsProcessorList(logits_processor or [])
+            processors.append(GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets))
+            with self.allowed_rows_output(allowed) if restrict_output else nullcontext():
+                outputs = super().generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=processors,
+                    streamer=streamer,
+                )
         if not output_audio:
             return outputs
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
 
     def static_decode(

@@ -336,7 +336,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor | None = None,
         audio_input_mask: torch.LongTensor | None = None,
-        first_chunk_tokens: int = 10,
+        first_chunk_tokens: int = 4,
         chunk_tokens: int = 50,
         left_context: int = 24,
         right_context: int = 16,

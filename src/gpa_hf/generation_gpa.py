@@ -245,6 +245,9 @@ def gumbel_max_sample(scores: torch.Tensor) -> torch.LongTensor:
     return (scores - torch.log(-torch.log(uniform))).argmax(-1)
 
 
+# Steps between two looks at the host in static decoding: a few wasted steps at the end, against a sync per step.
+STATIC_DECODING_SYNC_EVERY = 8
+
 # `Qwen3Model.forward` names its cache argument `cache` in recent transformers, `past_key_values` before.
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
@@ -281,15 +284,15 @@ class GpaStaticDecoder:
         self.step_lm = torch.compile(model.model, dynamic=False) if compile_step else model.model
         self.settings = settings
         self.rows = rows.to(device)
+        # The output rows are pointed at by `refresh_output_rows`, at the start of every request.
         self.head = torch.empty(0)
         self.head_bias: torch.Tensor | None = None
+        self.gather_rows = False
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.refresh_output_rows()
-        stop_row = (self.rows == stop_token_id).nonzero()
-        if stop_row.numel() != 1:
-            raise ValueError(f"the stop token {stop_token_id} must be one of the output rows")
         # Everything a step uses lives on the device (a CUDA graph cannot copy from host memory).
         self.is_stop_row = self.rows == stop_token_id
+        if int(self.is_stop_row.sum()) != 1:
+            raise ValueError(f"the stop token {stop_token_id} must be one of the output rows")
         self.stop_only = torch.zeros(self.rows.shape, device=device).masked_fill(~self.is_stop_row, float("-inf"))
         self.stop_token_id = stop_token_id
         self.pad_token_id = pad_token_id
@@ -450,7 +453,7 @@ class GpaStaticDecoder:
         then gets each token as soon as it exists); steps after every row has stopped only write padding, which
         is cut off, so the result does not depend on `sync_every`.
         """
-        sync_every = sync_every or (1 if streamer is not None else 8)
+        sync_every = sync_every or (1 if streamer is not None else STATIC_DECODING_SYNC_EVERY)
         # Always in inference mode, so that the cache and buffers are used the same way from any caller or thread
         # (inference mode is per thread); the result is cloned outside it, into an ordinary tensor.
         with torch.inference_mode():
@@ -515,6 +518,7 @@ ALLOWED_ROWS_MAX_FRACTION = 0.5
 
 __all__ = [
     "ALLOWED_ROWS_MAX_FRACTION",
+    "STATIC_DECODING_SYNC_EVERY",
     "TASK_GENERATION_DEFAULTS",
     "GpaAllowedRowsHead",
     "GpaAudioStreamer",

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .configuration_gpa import GpaConfig
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
+    STATIC_DECODING_SYNC_EVERY,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
     GpaStaticDecoder,
@@ -315,8 +316,9 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
     ) -> torch.LongTensor:
         """`generate`'s `static_decoding=True` path: reuse (or build) the decoder of this shape and run it."""
         settings = StaticDecodingSettings.from_generation_config(config)
-        # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph.
-        needed = input_ids.shape[1] + config.max_new_tokens + 8
+        # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph; the
+        # margin holds the steps run past the end before the host looks.
+        needed = input_ids.shape[1] + config.max_new_tokens + STATIC_DECODING_SYNC_EVERY
         max_cache_len = -(-needed // 256) * 256
         pad = config.pad_token_id if config.pad_token_id is not None else self.config.layout.stop
         key = (task, input_ids.shape[0], max_cache_len, settings, pad, compile_step, self.device, self.dtype)

@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.05)
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="batch rows of similar length together (less padding, faster)"
+    )
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all LM weights")
     args = parser.parse_args()
 
@@ -127,6 +130,7 @@ def main() -> None:
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
     )
     trainer.train()
     final = trainer.model.merge_and_unload() if args.lora else trainer.model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.generation_gpa import allowed_token_mask
+from gpa_hf.modeling_gpa import GpaInt8OutputLayer
 from gpa_hf.pipelines import split_sentences
 
 TEXT = "Hello world, this is Major Tom speaking."
@@ -328,6 +331,21 @@ def test_streamed_chunks_join_to_the_offline_waveform(gpa, task):
     assert snr > 30
 
 
+@pytest.mark.parametrize("static_decoding", [False, True])
+def test_stopping_a_stream_early_stops_generation(gpa, static_decoding):
+    model, processor = gpa
+    inputs = processor(task="tts", text=TEXT, voice=str(AUDIO / "astro.wav"))
+    full = model.generate(**inputs, do_sample=False, max_new_tokens=300)
+    new_tokens = full.shape[1] - inputs["input_ids"].shape[1]
+    stream = model.generate_stream(**inputs, do_sample=False, max_new_tokens=300, static_decoding=static_decoding)
+    next(stream)
+    streamer = stream.gi_frame.f_locals["streamer"]
+    threads = threading.active_count()
+    stream.close()  # returns once generation has stopped
+    assert threading.active_count() == threads - 1
+    assert len(streamer.codes) < new_tokens / 2, (len(streamer.codes), new_tokens)
+
+
 def test_stream_rejects_batches_and_asr(gpa):
     model, processor = gpa
     with pytest.raises(ValueError, match="one prompt"):
@@ -345,8 +363,21 @@ def test_dynamic_int8_lm_keeps_codecs_float32_and_logits_close(converted):
         reference = model(ids).logits[0, -1]
         model.quantize_lm_dynamic_int8()
         quantized = model(ids).logits[0, -1]
+        hidden = model.model(ids).last_hidden_state[0, -1]
+        # TTS rows still come from the float32 weight, which stays tied to the input embeddings.
+        allowed = allowed_token_mask("tts", model.config.layout, model.config.vocab_size)
+        with model.allowed_rows_output(allowed):
+            constrained = model(ids).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(reference, quantized, dim=0) > 0.99
     assert type(model.model.layers[0].mlp.up_proj) is not torch.nn.Linear
-    assert model.bicodec.dtype == torch.float32 and isinstance(model.lm_head, torch.nn.Linear)
+    assert isinstance(model.lm_head, GpaInt8OutputLayer)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(constrained[allowed], hidden @ model.lm_head.weight[allowed].T)
+    assert model.bicodec.dtype == torch.float32 and model.speech_tokenizer.dtype == torch.float32
     output = model.generate(**inputs, max_new_tokens=5, output_audio=True)
     assert output.audio[0].dtype == torch.float32
+
+
+def test_dynamic_int8_output_layer_only_where_asr_reads_it(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted, tasks=["tts", "vc"]).eval()
+    assert type(model.quantize_lm_dynamic_int8().lm_head) is torch.nn.Linear

@@ -51,6 +51,15 @@ def test_asr_of_held_out_clips_is_close_to_the_transcripts(heldout, capsys):
     assert error_rate([row["text"] for row in heldout], predictions, "char") <= 0.25, predictions
 
 
+def test_int8_lm_transcribes_like_float32(heldout, capsys):
+    clips = [row["audio"] for row in heldout[:4]]
+    transcripts = []
+    for flags in ([], ["--int8"]):
+        assert main(["asr", *clips, "--json", *flags]) == 0
+        transcripts.append(json.loads(capsys.readouterr().out))
+    assert transcripts[0] == transcripts[1]
+
+
 def test_vc_without_naming_a_model(heldout, tmp_path):
     output = tmp_path / "converted.wav"
     source, voice = heldout[0]["audio"], heldout[1]["audio"]

@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 import gpa_hf
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor
 from gpa_hf.generation_gpa import GpaStaticDecoder, StaticDecodingSettings, allowed_token_mask, gumbel_max_sample
+from gpa_hf.modeling_gpa import GpaInt8OutputLayer
 
 HELDOUT = FIXTURES / "gpa_tiny_heldout"
 
@@ -50,6 +51,15 @@ def test_greedy_static_decoding_equals_generate(tiny, clips, task, repetition_pe
     settings = {"do_sample": False, "repetition_penalty": repetition_penalty}
     expected = model.generate(**inputs, task=task, **settings)
     assert torch.equal(model.generate(**inputs, task=task, static_decoding=True, **settings), expected)
+
+
+def test_static_asr_reads_an_int8_output_layer_as_generate_does(clips):
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().quantize_lm_dynamic_int8()
+    inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task="asr", audio=clips[:3])
+    expected = model.generate(**inputs, do_sample=False)
+    assert torch.equal(model.generate(**inputs, do_sample=False, static_decoding=True), expected)
+    (decoder,) = model.static_decoders.values()
+    assert decoder.gather_rows and isinstance(decoder.full_output_layer, GpaInt8OutputLayer)
 
 
 def test_decoder_is_reused_and_reset_between_requests(tiny, clips):

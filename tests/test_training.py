@@ -183,6 +183,33 @@ def test_trainer_step_on_a_tiny_model(converted, tmp_path):
     assert all(torch.equal(v, model.bicodec.state_dict()[k]) for k, v in bicodec_weights.items())
 
 
+def test_trainer_groups_rows_by_prompt_length(gpa, tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    from datasets import concatenate_datasets
+    from finetune import build_trainer
+
+    model, processor = gpa
+    dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows()))
+    prepared, _ = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "cache")
+    by_length = sorted(range(len(prepared)), key=lambda i: len(prepared[i]["input_ids"]))
+    two_lengths = concatenate_datasets([prepared.select([by_length[0], by_length[-1]])] * 32)  # 64 rows
+    trainer = build_trainer(
+        model,
+        processor,
+        two_lengths,
+        str(tmp_path / "out"),
+        eval_fraction=0.0,
+        per_device_train_batch_size=4,
+        train_sampling_strategy="group_by_length",
+    )
+    batches = list(trainer.get_train_dataloader())
+    assert sum(batch["input_ids"].shape[0] for batch in batches) == 64
+    # Rows are sorted by length within each run of 16 (4 runs), so at most 4 of the 16 batches mix the two lengths;
+    # random batches of 4 would mix them 14 times in 16 on average.
+    mixed = sum(int(batch["attention_mask"].sum(-1).unique().numel() > 1) for batch in batches)
+    assert mixed <= 4
+
+
 def test_error_rates_match_hand_computed_values():
     # "the cat sat" vs "the cat sit down": one substitution + one insertion over 3 words.
     assert error_rate(["The cat, sat!"], ["the cat sit down"], "word") == pytest.approx(2 / 3)

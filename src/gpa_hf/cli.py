@@ -34,10 +34,11 @@ def _split_model(values: list[str], files: str) -> tuple[str, list[str]]:
     return DEFAULT_MODEL, values
 
 
-def load_gpa(model_path: str, tasks=TASKS, device: str = "cpu"):
+def load_gpa(model_path: str, tasks=TASKS, device: str = "cpu", int8: bool = False):
     """A published-layout folder (converted in memory) or a gpa-hf folder / Hub id -> (model, processor).
 
-    On a GPU the LM runs in bfloat16 (the audio tokenizers stay float32); on CPU everything is float32.
+    On a GPU the LM runs in bfloat16 (the audio tokenizers stay float32); on CPU everything is float32, or with
+    `int8` the LM is dynamic int8 (`quantize_lm_dynamic_int8`).
     """
     from .convert_gpa_original_to_hf import is_original_layout, load_original_gpa
     from .modeling_gpa import GpaForConditionalGeneration
@@ -46,9 +47,11 @@ def load_gpa(model_path: str, tasks=TASKS, device: str = "cpu"):
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if is_original_layout(model_path):
         model, processor = load_original_gpa(model_path, tasks=tasks, dtype=dtype)
-        return model.to(device), processor
-    model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks), dtype=dtype).eval()
-    return model.to(device), GpaProcessor.from_pretrained(model_path)
+    else:
+        model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks), dtype=dtype).eval()
+        processor = GpaProcessor.from_pretrained(model_path)
+    model.to(device)
+    return (model.quantize_lm_dynamic_int8() if int8 else model), processor
 
 
 def _seeded_model(args, tasks):
@@ -56,7 +59,7 @@ def _seeded_model(args, tasks):
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_gpa(args.model, tasks=tasks, device=device)
+    return load_gpa(args.model, tasks=tasks, device=device, int8=getattr(args, "int8", False))
 
 
 def _generate_kwargs(args) -> dict:
@@ -279,6 +282,9 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
     parser.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     parser.add_argument("--device", help="where to run: cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--int8", action="store_true", help="CPU: a dynamic int8 LM (about 2x faster; audio tokenizers stay float32)"
+    )
     parser.add_argument(
         "--static-decoding",
         dest="static_decoding",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ class GpaAllowedRowsHead(nn.Module):
         return logits.index_copy_(-1, self.rows, allowed_logits)
 
 
+class GpaStreamCancelled(Exception):
+    """Raised inside `generate` by the streamer once the stream's consumer has stopped: ends generation early."""
+
+
 class GpaAudioStreamer(BaseStreamer):
     """Turns the semantic tokens `generate` produces for one prompt into audio chunks, and queues them.
 
@@ -145,8 +150,11 @@ class GpaAudioStreamer(BaseStreamer):
         self.emitted = 0
         self.prompt_seen = False
         self.stopped = False
+        self.cancelled = threading.Event()
 
     def put(self, value: torch.Tensor) -> None:
+        if self.cancelled.is_set():
+            raise GpaStreamCancelled
         if not self.prompt_seen:  # generate first puts the prompt
             self.prompt_seen = True
             return
@@ -172,6 +180,10 @@ class GpaAudioStreamer(BaseStreamer):
     def close(self) -> None:
         """End the iteration without decoding anything more (used when generation failed)."""
         self.queue.put(None)
+
+    def cancel(self) -> None:
+        """From the consuming thread, when it stops early: generation raises `GpaStreamCancelled` at its next step."""
+        self.cancelled.set()
 
     def __iter__(self):
         while (chunk := self.queue.get(timeout=self.timeout)) is not None:
@@ -288,6 +300,7 @@ class GpaStaticDecoder:
         self.head = torch.empty(0)
         self.head_bias: torch.Tensor | None = None
         self.gather_rows = False
+        self.full_output_layer: nn.Module | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         # Everything a step uses lives on the device (a CUDA graph cannot copy from host memory).
         self.is_stop_row = self.rows == stop_token_id
@@ -326,6 +339,7 @@ class GpaStaticDecoder:
             if self.head.data_ptr() != weight.data_ptr():  # new storage: a captured graph would read the old one
                 self.graph = None
             self.head, self.head_bias = weight, bias
+            self.full_output_layer = head  # called as it is: an int8 output layer (`GpaInt8OutputLayer`) stays int8
             return
         if self.head.shape != (self.rows.numel(), weight.shape[1]):
             self.head = weight[self.rows].contiguous()
@@ -361,9 +375,10 @@ class GpaStaticDecoder:
 
     def select(self, hidden: torch.Tensor) -> None:
         """Pick each row's next token from the last hidden states `(batch, hidden)`, and record it."""
-        logits = nn.functional.linear(hidden, self.head, self.head_bias)
         if self.gather_rows:
-            logits = logits.index_select(-1, self.rows)
+            logits = self.full_output_layer(hidden).index_select(-1, self.rows)
+        else:
+            logits = nn.functional.linear(hidden, self.head, self.head_bias)
         scores = self.next_token_scores(logits.float())
         choice = gumbel_max_sample(scores) if self.settings.do_sample else scores.argmax(-1)
         token = self.rows[choice].masked_fill(self.finished, self.pad_token_id)

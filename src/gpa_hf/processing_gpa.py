@@ -99,6 +99,12 @@ class GpaProcessor(ProcessorMixin):
         self.default_voice: GpaVoice | None = None
 
     @property
+    def model_input_names(self) -> list[str]:
+        """The prompt's ids first: they are the LM's input, and the Trainer groups rows by the first name's length."""
+        names = [*self.tokenizer.model_input_names, *self.feature_extractor.model_input_names]
+        return list(dict.fromkeys(name for name in names if name not in self.unused_input_names))
+
+    @property
     def layout(self) -> GpaVocabularyLayout:
         if self.vocabulary_layout is None:
             raise ValueError("this processor has no vocabulary_layout")

@@ -62,6 +62,24 @@ def test_static_asr_reads_an_int8_output_layer_as_generate_does(clips):
     assert decoder.gather_rows and isinstance(decoder.full_output_layer, GpaInt8OutputLayer)
 
 
+def test_a_new_output_layer_drops_the_captured_step(tiny, clips):
+    model, processor = tiny
+    inputs = processor(task="asr", audio=clips[:1])
+    model.generate(**inputs, static_decoding=True)
+    decoder = next(reversed(model.static_decoders.values()))
+    decoder.graph = captured = object()  # stands for a CUDA graph captured with the current layer
+    decoder.refresh_output_rows()
+    assert decoder.graph is captured
+    full_head = model.lm_head
+    model.lm_head = torch.nn.Sequential(full_head)  # another module around the same weight storage
+    model.lm_head.weight, model.lm_head.bias = full_head.weight, full_head.bias
+    try:
+        decoder.refresh_output_rows()
+    finally:
+        model.lm_head = full_head
+    assert decoder.graph is None
+
+
 def test_decoder_is_reused_and_reset_between_requests(tiny, clips):
     model, processor = tiny
     model.static_decoders.clear()

@@ -335,11 +335,10 @@ class GpaStaticDecoder:
             raise ValueError("static decoding needs the full output layer, not an allowed-rows head")
         weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
         self.gather_rows = self.rows.numel() > ALLOWED_ROWS_MAX_FRACTION * weight.shape[0]
-        if self.gather_rows:
-            if self.head.data_ptr() != weight.data_ptr():  # new storage: a captured graph would read the old one
-                self.graph = None
-            self.head, self.head_bias = weight, bias
-            self.full_output_layer = head  # called as it is: an int8 output layer (`GpaInt8OutputLayer`) stays int8
+        if self.gather_rows:  # the layer is called as it is: an int8 `GpaInt8OutputLayer` stays int8
+            if head is not self.full_output_layer or self.head.data_ptr() != weight.data_ptr():
+                self.graph = None  # a captured graph would call the old layer or read the old storage
+            self.full_output_layer, self.head = head, weight
             return
         if self.head.shape != (self.rows.numel(), weight.shape[1]):
             self.head = weight[self.rows].contiguous()

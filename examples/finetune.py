@@ -18,7 +18,14 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments
 
 from gpa_hf.cli import load_gpa
-from gpa_hf.data_gpa import DEFAULT_MAX_LENGTH, GpaDataCollator, load_jsonl_dataset, prepare_dataset
+from gpa_hf.configuration_gpa import GpaVocabularyLayout
+from gpa_hf.data_gpa import (
+    DEFAULT_MAX_LENGTH,
+    GpaDataCollator,
+    add_semantic_input_noise,
+    load_jsonl_dataset,
+    prepare_dataset,
+)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,6 +57,26 @@ def add_lora(model, rank: int = 64, alpha: int = 16, dropout: float = 0.05):
     return get_peft_model(model, config)
 
 
+class GpaTrainer(Trainer):
+    """`Trainer` that can replace some semantic input tokens of training batches (`add_semantic_input_noise`).
+
+    The noise is added in `training_step` only, so evaluation losses are computed on clean sequences.
+    """
+
+    def __init__(self, *args, layout: GpaVocabularyLayout, semantic_input_noise: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout = layout
+        self.semantic_input_noise = semantic_input_noise
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.semantic_input_noise > 0:
+            inputs = dict(inputs)
+            inputs["input_ids"] = add_semantic_input_noise(
+                inputs["input_ids"], inputs["labels"], self.layout, self.semantic_input_noise
+            )
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
 def build_trainer(
     model,
     processor,
@@ -57,8 +84,9 @@ def build_trainer(
     output_dir: str,
     eval_fraction: float = 0.05,
     seed: int = 0,
+    semantic_input_noise: float = 0.0,
     **training_kwargs,
-) -> Trainer:
+) -> GpaTrainer:
     """A `Trainer` over a prepared dataset, with a held-out split when there are enough rows for one."""
     freeze_audio_tokenizers(model)
     dataset = dataset.select_columns(["input_ids", "labels"])
@@ -86,8 +114,10 @@ def build_trainer(
         "seed": seed,
     }
     arguments = TrainingArguments(output_dir=output_dir, **{**defaults, **training_kwargs})
-    return Trainer(
+    return GpaTrainer(
         model=model,
+        layout=model.config.layout,
+        semantic_input_noise=semantic_input_noise,
         args=arguments,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
@@ -111,6 +141,13 @@ def main() -> None:
     parser.add_argument(
         "--group-by-length", action="store_true", help="batch rows of similar length together (less padding, faster)"
     )
+    parser.add_argument(
+        "--semantic-input-noise",
+        type=float,
+        default=0.0,
+        help="probability that a semantic input token of a training sequence is replaced by another (its label "
+        "stays): makes TTS and VC robust to their own sampling errors",
+    )
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all LM weights")
     args = parser.parse_args()
 
@@ -125,6 +162,7 @@ def main() -> None:
         dataset,
         args.output_dir,
         eval_fraction=args.eval_fraction,
+        semantic_input_noise=args.semantic_input_noise,
         num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
         per_device_train_batch_size=args.batch_size,

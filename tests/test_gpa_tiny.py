@@ -60,6 +60,18 @@ def test_int8_lm_transcribes_like_float32(heldout, capsys):
     assert transcripts[0] == transcripts[1]
 
 
+def test_bfloat16_audio_tokenizers_transcribe_and_speak(heldout, tmp_path, capsys):
+    assert main(["asr", *[row["audio"] for row in heldout], "--json", "--bf16-audio-tokenizers"]) == 0
+    texts = json.loads(capsys.readouterr().out)
+    predictions = [texts[row["audio"]] for row in heldout]
+    assert error_rate([row["text"] for row in heldout], predictions, "char") <= 0.25, predictions
+    output = tmp_path / "digits.wav"
+    flags = ["--output", str(output), "--seed", "0", "--bf16-audio-tokenizers"]
+    assert main(["tts", "--text", "three one four", *flags]) == 0
+    audio, _ = sf.read(output)
+    assert_speech(audio, 0.4, 4.0)
+
+
 def test_vc_without_naming_a_model(heldout, tmp_path):
     output = tmp_path / "converted.wav"
     source, voice = heldout[0]["audio"], heldout[1]["audio"]

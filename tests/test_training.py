@@ -18,6 +18,7 @@ from gpa_hf.data_gpa import (
     GpaDataCollator,
     GpaTrainingDataBuilder,
     PreparationReport,
+    add_semantic_input_noise,
     load_jsonl_dataset,
     prepare_dataset,
 )
@@ -297,3 +298,61 @@ def test_report_counts_by_task_and_reason():
         "num_skipped": 1,
     }
     assert "asr: kept 1" in str(report) and "skipped 1: missing audio file" in str(report)
+
+
+def test_semantic_input_noise_changes_only_semantic_targets_in_the_inputs(converted):
+    from gpa_hf import GpaConfig
+
+    layout = GpaConfig.from_pretrained(converted).layout
+    semantic = [layout.semantic_offset + code for code in (0, 5, layout.semantic_size - 1)]
+    prompt = [layout.start_global, layout.global_offset + 3, layout.start_semantic, semantic[0]]
+    input_ids = torch.tensor([prompt + semantic + [7, layout.end_semantic, layout.stop]])
+    labels = torch.tensor([[-100] * len(prompt) + semantic + [7, layout.end_semantic, layout.stop]])
+    assert torch.equal(add_semantic_input_noise(input_ids, labels, layout, 0.0), input_ids)
+    noisy = add_semantic_input_noise(input_ids, labels, layout, 1.0)
+    targets = torch.zeros_like(input_ids, dtype=torch.bool)
+    targets[0, len(prompt) : len(prompt) + 3] = True
+    assert torch.all(noisy[targets] != input_ids[targets])  # every semantic target changed...
+    assert torch.all(layout.block_mask(noisy[targets], "semantic"))  # ...into another semantic token
+    assert torch.equal(noisy[~targets], input_ids[~targets])  # the prompt's semantic token and text never change
+    half = add_semantic_input_noise(input_ids.repeat(2000, 1), labels.repeat(2000, 1), layout, 0.5)
+    changed = (half != input_ids)[:, targets[0]].float().mean()
+    assert 0.45 < changed < 0.55
+    with pytest.raises(ValueError, match="probability"):
+        add_semantic_input_noise(input_ids, labels, layout, 1.5)
+
+
+def test_trainer_adds_semantic_input_noise_only_while_training(gpa, tmp_path, monkeypatch):
+    sys.path.insert(0, str(EXAMPLES))
+    import finetune
+
+    model, processor = gpa
+    dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows()))
+    prepared, _ = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "cache")
+    seen = []
+    original = finetune.add_semantic_input_noise
+
+    def recording(input_ids, labels, layout, probability):
+        noisy = original(input_ids, labels, layout, probability)
+        seen.append(int((noisy != input_ids).sum()))
+        return noisy
+
+    monkeypatch.setattr(finetune, "add_semantic_input_noise", recording)
+    trainer = finetune.build_trainer(
+        model,
+        processor,
+        prepared,
+        str(tmp_path / "out"),
+        eval_fraction=0.3,
+        semantic_input_noise=0.5,
+        max_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert len(seen) == 2 and sum(seen) > 0
+    trainer.evaluate()
+    assert len(seen) == 2  # evaluation sees clean sequences
+    model.load_state_dict(state)
+    model.eval()

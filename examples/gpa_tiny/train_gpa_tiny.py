@@ -411,6 +411,13 @@ def main() -> int:
     parser.add_argument("--lm-epochs", type=float, default=3, help="epochs of each LM training cycle")
     parser.add_argument("--lm-cycles", type=int, default=2, help="LM training cycles, each a new cosine schedule")
     parser.add_argument(
+        "--semantic-input-noise",
+        type=float,
+        default=0.0,
+        help="share of semantic input tokens replaced by another during LM training (labels stay); 0.1 gave "
+        "held-out TTS CER 39.1%% against 41.5%% without, within the spread of sampling seeds",
+    )
+    parser.add_argument(
         "--first-cycle",
         type=int,
         default=1,
@@ -467,6 +474,7 @@ def main() -> int:
             str(work / "trainer"),
             eval_fraction=0.02,
             seed=args.seed,
+            semantic_input_noise=args.semantic_input_noise,
             num_train_epochs=args.lm_epochs,
             learning_rate=2e-3,
             lr_scheduler_type="cosine",

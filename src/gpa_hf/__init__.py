@@ -13,7 +13,13 @@ from .audio_utils import load_audio, write_wav
 from .configuration_bicodec import BiCodecConfig
 from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
 from .configuration_gpa import GpaConfig, GpaVocabularyLayout
-from .data_gpa import GpaDataCollator, PreparationReport, load_jsonl_dataset, prepare_dataset
+from .data_gpa import (
+    GpaDataCollator,
+    PreparationReport,
+    add_semantic_input_noise,
+    load_jsonl_dataset,
+    prepare_dataset,
+)
 from .default_model import DEFAULT_MODEL
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
@@ -57,6 +63,7 @@ __all__ = [
     "GpaVocabularyLayout",
     "GpaVoice",
     "PreparationReport",
+    "add_semantic_input_noise",
     "load_audio",
     "load_jsonl_dataset",
     "prepare_dataset",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .audio_utils import MissingAudioError, load_audio
+from .configuration_gpa import GpaVocabularyLayout
 from .processing_gpa import GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER
 
 # Task names of the reference's data files, and gpa-hf's own.
@@ -381,11 +382,37 @@ class GpaDataCollator:
         }
 
 
+def add_semantic_input_noise(
+    input_ids: torch.LongTensor,
+    labels: torch.LongTensor,
+    layout: GpaVocabularyLayout,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """A copy of `input_ids` in which each semantic token that is also a target is, with `probability`, another one.
+
+    A training regulariser against exposure bias: at inference the LM continues from semantic tokens it sampled
+    itself, some of them wrong, while teacher forcing only ever shows it correct ones. Only the inputs change:
+    every label stays the true token, so the LM learns to get back on track after a wrong token. Prompt tokens
+    (labels -100), text targets and control tokens are never touched.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"semantic input noise must be a probability in [0, 1], got {probability}")
+    targets = (labels != -100) & layout.block_mask(labels, "semantic") & (input_ids == labels)
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    noisy = targets & (draw < probability)
+    # A shift by 1..size-1 within the codebook: the replacement always differs from the true token.
+    shift = torch.randint(1, layout.semantic_size, input_ids.shape, generator=generator, device=input_ids.device)
+    replaced = (input_ids - layout.semantic_offset + shift) % layout.semantic_size + layout.semantic_offset
+    return torch.where(noisy, replaced, input_ids)
+
+
 __all__ = [
     "TASK_ALIASES",
     "GpaDataCollator",
     "GpaTrainingDataBuilder",
     "PreparationReport",
+    "add_semantic_input_noise",
     "load_jsonl_dataset",
     "prepare_dataset",
     "read_row_audio",

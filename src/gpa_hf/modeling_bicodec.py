@@ -191,18 +191,18 @@ class BiCodecMelSpectrogram(nn.Module):
         return torch.tensor(filters, dtype=torch.float32), torch.hann_window(config.mel_win_length)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """`(batch, samples)` -> `(batch, num_mel_bins, frames)`."""
+        """`(batch, samples)` -> `(batch, num_mel_bins, frames)`, float32 whatever the codec's dtype (for the FFT)."""
         spectrum = torch.stft(
-            waveform,
+            waveform.float(),
             self.n_fft,
             hop_length=self.hop_length,
             win_length=self.window.shape[0],
-            window=self.window,
+            window=self.window.float(),
             center=True,
             pad_mode="reflect",
             return_complex=True,
         ).abs()
-        return torch.matmul(self.mel_filters.t(), spectrum)
+        return torch.matmul(self.mel_filters.float().t(), spectrum)
 
 
 class BiCodecConv1dReluBn(nn.Module):
@@ -386,14 +386,15 @@ class BiCodecFiniteScalarQuantizer(nn.Module):
 
     def encode(self, latents: torch.Tensor) -> torch.LongTensor:
         """`(batch, tokens, speaker_latent_dim)` -> `(batch, tokens)` ids."""
-        digits = torch.round(self.bound(self.project_in(latents.float()))) + (self.levels // 2)
+        digits = torch.round(self.bound(self.project_in(latents.to(self.project_in.weight.dtype)).float()))
+        digits = digits + self.levels // 2
         return (digits.long() * self.basis).sum(dim=-1)
 
     def decode(self, codes: torch.LongTensor) -> torch.Tensor:
         """`(batch, tokens)` ids -> `(batch, tokens, speaker_latent_dim)`."""
         half_width = self.levels // 2
         digits = (codes.unsqueeze(-1) // self.basis) % self.levels.long()
-        return self.project_out((digits.float() - half_width) / half_width)
+        return self.project_out(((digits - half_width) / half_width).to(self.project_out.weight.dtype))
 
 
 class BiCodecSpeakerEncoder(nn.Module):
@@ -595,7 +596,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
 
     def reference_mel(self, reference_values: torch.Tensor) -> torch.Tensor:
         """Speaker reference clips `(batch, reference_length)` -> mel `(batch, num_mel_bins, frames)`."""
-        return self.mel(reference_values.to(self.codec_dtype))
+        return self.mel(reference_values).to(self.codec_dtype)
 
     def encode_speaker(self, reference_values: torch.Tensor) -> BiCodecEncoderOutput:
         """Global (speaker) tokens from reference clips alone: no wav2vec2, no semantic path."""

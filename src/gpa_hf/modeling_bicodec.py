@@ -373,8 +373,11 @@ class BiCodecFiniteScalarQuantizer(nn.Module):
 
     @staticmethod
     def compute_buffers(config: BiCodecConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Levels per digit, and the place value of each digit in a packed id."""
-        levels = torch.tensor(config.fsq_levels, dtype=torch.float32)
+        """Levels per digit, and the place value of each digit in a packed id.
+
+        Both are integer tensors, so casting the codec to another dtype leaves them exact.
+        """
+        levels = torch.tensor(config.fsq_levels, dtype=torch.long)
         basis = torch.cumprod(torch.tensor([1, *config.fsq_levels[:-1]], dtype=torch.long), dim=0)
         return levels, basis
 
@@ -393,7 +396,7 @@ class BiCodecFiniteScalarQuantizer(nn.Module):
     def decode(self, codes: torch.LongTensor) -> torch.Tensor:
         """`(batch, tokens)` ids -> `(batch, tokens, speaker_latent_dim)`."""
         half_width = self.levels // 2
-        digits = (codes.unsqueeze(-1) // self.basis) % self.levels.long()
+        digits = (codes.unsqueeze(-1) // self.basis) % self.levels
         return self.project_out(((digits - half_width) / half_width).to(self.project_out.weight.dtype))
 
 

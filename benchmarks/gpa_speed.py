@@ -172,7 +172,10 @@ def main() -> None:
         reference_lm.generate(prompt, **exact_length(4))  # warm-up
         lm_seconds, sequences = clock(lambda: reference_lm.generate(prompt, **exact_length(args.tokens)))
         semantic = (sequences[:, prompt.shape[1] :] % 8192).clamp(min=0)
+        model.bicodec.decode(semantic[:, :8], voice)  # warm-up (on GPU: the convolution kernels' first load)
+        sync()
         decode_seconds, _ = clock(lambda: model.bicodec.decode(semantic, voice))
+        sync()
         record("reference_lm_tokens_per_s", "reference: LM tokens/s (batch 1)", args.tokens / lm_seconds, "tok/s")
         record("reference_voice_s", "reference: voice via wav2vec2 + encoder (4.2 s clip)", voice_seconds, "s")
         record("reference_decode_s", "reference: BiCodec decode", decode_seconds, "s")

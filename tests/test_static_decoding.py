@@ -17,7 +17,13 @@ from transformers.generation.logits_process import (
 
 import gpa_hf
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor
-from gpa_hf.generation_gpa import GpaStaticDecoder, StaticDecodingSettings, allowed_token_mask, gumbel_max_sample
+from gpa_hf.generation_gpa import (
+    GpaCudaGraphs,
+    GpaStaticDecoder,
+    StaticDecodingSettings,
+    allowed_token_mask,
+    gumbel_max_sample,
+)
 from gpa_hf.modeling_gpa import GpaInt8OutputLayer
 
 HELDOUT = FIXTURES / "gpa_tiny_heldout"
@@ -67,9 +73,11 @@ def test_a_new_output_layer_drops_the_captured_step(tiny, clips):
     inputs = processor(task="asr", audio=clips[:1])
     model.generate(**inputs, static_decoding=True)
     decoder = next(reversed(model.static_decoders.values()))
-    decoder.graph = captured = object()  # stands for a CUDA graph captured with the current layer
+    graph_caches = (decoder.step_graph, decoder.prefill_graphs)
+    for graphs in graph_caches:
+        graphs.graphs["captured"] = object()  # stands for a CUDA graph captured with the current layer
     decoder.refresh_output_rows()
-    assert decoder.graph is captured
+    assert all("captured" in graphs.graphs for graphs in graph_caches)
     full_head = model.lm_head
     model.lm_head = torch.nn.Sequential(full_head)  # another module around the same weight storage
     model.lm_head.weight, model.lm_head.bias = full_head.weight, full_head.bias
@@ -77,7 +85,7 @@ def test_a_new_output_layer_drops_the_captured_step(tiny, clips):
         decoder.refresh_output_rows()
     finally:
         model.lm_head = full_head
-    assert decoder.graph is None
+    assert not any(graphs.graphs for graphs in graph_caches)
 
 
 def test_decoder_is_reused_and_reset_between_requests(tiny, clips):
@@ -106,6 +114,38 @@ def test_result_does_not_depend_on_how_often_the_host_checks(tiny):
     new = outputs[0][:, inputs["input_ids"].shape[1] :]
     assert (new == model.config.layout.stop).any(-1).all()  # every row stopped, and nothing after the last stop
     assert (new[:, -1] == model.config.layout.stop).any()
+
+
+@pytest.mark.parametrize("task", ["tts", "asr", "vc"])
+def test_prompts_padded_to_a_multiple_give_the_same_tokens(tiny, clips, task):
+    """CUDA pads prompts to a multiple of 32 tokens (one prefill graph per multiple): the result must not change."""
+    model, processor = tiny
+    inputs = requests(processor, clips)[task]
+    input_ids = model.fill_audio_tokens(
+        inputs["input_ids"],
+        inputs["audio_input_mask"],
+        **{name: inputs[name] for name in inputs if name not in ("input_ids", "attention_mask", "audio_input_mask")},
+    )
+    assert input_ids.shape[1] % 32 != 0
+    layout = model.config.layout
+    rows = allowed_token_mask(task, layout, model.config.vocab_size).nonzero().squeeze(-1)
+    settings = StaticDecodingSettings(False, 1.0, 0, 1.0, 1.2, 0)
+    budgets = torch.full((input_ids.shape[0],), 60)
+    outputs = [
+        GpaStaticDecoder(
+            model, rows, layout.stop, 0, input_ids.shape[0], 512, settings, prefill_multiple=multiple
+        ).decode(input_ids, inputs["attention_mask"], budgets, 61)
+        for multiple in (1, 32)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_voice_of_the_wrong_size_is_named(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="32 global tokens; got 31"):
+        model.synthesize(
+            torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 31, dtype=torch.long), torch.tensor([10])
+        )
 
 
 def test_processed_scores_equal_the_transformers_processors(tiny):
@@ -189,6 +229,40 @@ def test_compiled_cuda_graph_decoding_equals_generate(tiny_on_gpu, clips):
     for _ in range(2):
         result = model.generate(**inputs, do_sample=False, static_decoding=True, compile_decoding=True)
         assert torch.equal(result, expected)
+
+
+def test_cuda_graphs_replay_the_function_per_shape_and_version():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    weight = torch.randn(8, 8, device="cuda")
+    graphs = GpaCudaGraphs(lambda values: (values @ weight).relu())
+    for _ in range(2):  # captured, then replayed
+        for rows in (3, 5):
+            values = torch.randn(rows, 8, device="cuda")
+            torch.testing.assert_close(graphs(values, version=1), (values @ weight).relu())
+    assert len(graphs.graphs) == 2
+    first = graphs(values, version=1)
+    graphs(values + 1, version=1)
+    assert not torch.equal(first, graphs(values + 1, version=1))  # replays return copies, not the shared buffer
+    graphs(values, version=2)
+    assert len(graphs.graphs) == 3
+
+
+def test_codec_graphs_decode_as_the_codec_does(tiny_on_gpu):
+    model, _ = tiny_on_gpu
+    codec = model.config.bicodec_config
+    voice = torch.randint(0, codec.global_codebook_size, (2, codec.num_global_tokens), device="cuda")
+    codes = torch.randint(0, codec.codebook_size, (2, 70), device="cuda")
+    lengths = torch.tensor([70, 41], device="cuda")
+    expected = model.bicodec.decode(codes, voice, lengths).audio_values
+    captured = model.synthesize(codes, voice, lengths, cuda_graphs=True)  # padded to 96 frames, captured
+    replayed = model.synthesize(codes, voice, lengths, cuda_graphs=True)
+    assert replayed.shape == expected.shape and not replayed[1, 41 * codec.hop_length :].any()
+    torch.testing.assert_close(replayed, captured, rtol=0, atol=1e-4)
+    # cuDNN picks its convolution algorithms (TF32 included) by length: padding changes the rounding (81 dB on an
+    # H100), not the audio.
+    snr = 10 * torch.log10(expected.pow(2).sum() / (expected - replayed).pow(2).sum().clamp(min=1e-20))
+    assert snr > 40
 
 
 def test_cuda_graph_streaming_joins_to_the_offline_waveform(tiny_on_gpu):

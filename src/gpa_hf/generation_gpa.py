@@ -6,7 +6,7 @@ import inspect
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -264,15 +264,61 @@ STATIC_DECODING_SYNC_EVERY = 8
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
 
+class GpaCudaGraphs:
+    """Runs `function` on CUDA tensors from CUDA graphs, one per input shapes (and `version`), the last `size` of them.
+
+    Small models on a GPU mostly wait for Python to launch their many short kernels; a graph launches all of them
+    at once. The first call of a shape runs `function` itself (that is its result) and captures a graph of it; the
+    next calls copy their inputs into the graph's input buffers and replay it. A replay returns a copy of the
+    captured output (None when `function` returns None: it then works through the state it mutates).
+    `version`: anything else the kernels depend on that can change (where the weights are stored, say).
+    """
+
+    def __init__(self, function: Callable[..., torch.Tensor | None], size: int = 8):
+        self.function = function
+        self.size = size
+        self.graphs: OrderedDict = OrderedDict()
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, *inputs: torch.Tensor, version: Hashable = None) -> torch.Tensor | None:
+        key = (tuple((tuple(value.shape), value.dtype, value.device) for value in inputs), version)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            graph, buffers, output = self.graphs[key]
+            for buffer, value in zip(buffers, inputs):
+                buffer.copy_(value)
+            graph.replay()
+            return None if output is None else output.clone()
+        buffers = tuple(value.clone() for value in inputs)
+        # Warm up on a side stream (as capture requires), doing this call's real work, then capture: capture
+        # records kernels without running them, so the state the warm-up left stays as it is.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            result = self.function(*buffers)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            output = self.function(*buffers)
+        while len(self.graphs) >= self.size:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = (graph, buffers, output)
+        return result
+
+
 class GpaStaticDecoder:
     """A decoding loop over a static KV cache for one task's output rows; on CUDA, each step is one graph replay.
 
     The published LM is 28 small layers: on a GPU, `generate` spends a step mostly launching kernels and running
     Python, not computing. This loop captures the whole step (LM forward over the static cache, logits of the
     allowed rows only, repetition penalty, length budget, temperature / top-k / top-p, sampling) once as a CUDA
-    graph and replays it; the host looks for the end only every `sync_every` steps. Greedy decoding gives the
-    tokens of `generate`; sampling draws from the same distribution (Gumbel-max instead of `multinomial`).
-    On CPU the same step runs eagerly, which is what the tests compare with `generate`.
+    graph and replays it; the host looks for the end only every `sync_every` steps. The prompt's pass (prefill)
+    is a graph too, one per prompt length: prompts are left-padded to a multiple of `prefill_multiple` tokens
+    (32 on CUDA), so that prompts of similar length share one. Greedy decoding gives the tokens of `generate`;
+    sampling draws from the same distribution (Gumbel-max instead of `multinomial`). On CPU the same steps run
+    eagerly, which is what the tests compare with `generate`.
 
     One decoder serves one (batch size, cache length, output rows, settings); [`GpaForConditionalGeneration`]
     keeps the last few, so that repeated requests of one shape reuse their graph and cache.
@@ -287,13 +333,17 @@ class GpaStaticDecoder:
         batch_size: int,
         max_cache_len: int,
         settings: StaticDecodingSettings,
-        compile_step: bool = False,
+        compile_step: bool | str = False,
+        prefill_multiple: int | None = None,
     ):
         device = model.device
+        self.prefill_multiple = prefill_multiple or prefill_multiple_for(device)
         self.model = model
         # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
         # fewer, so a step takes less time. Only the one-token step is compiled; prompts of any length run eagerly.
-        self.step_lm = torch.compile(model.model, dynamic=False) if compile_step else model.model
+        # A string names the `torch.compile` mode (e.g. "max-autotune-no-cudagraphs": slower to compile).
+        mode = compile_step if isinstance(compile_step, str) else None
+        self.step_lm = torch.compile(model.model, dynamic=False, mode=mode) if compile_step else model.model
         self.settings = settings
         self.rows = rows.to(device)
         # The output rows are pointed at by `refresh_output_rows`, at the start of every request.
@@ -301,7 +351,8 @@ class GpaStaticDecoder:
         self.head_bias: torch.Tensor | None = None
         self.gather_rows = False
         self.full_output_layer: nn.Module | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.step_graph = GpaCudaGraphs(self.forward_step, size=1)
+        self.prefill_graphs = GpaCudaGraphs(self.prefill)
         # Everything a step uses lives on the device (a CUDA graph cannot copy from host memory).
         self.is_stop_row = self.rows == stop_token_id
         if int(self.is_stop_row.sum()) != 1:
@@ -337,16 +388,21 @@ class GpaStaticDecoder:
         self.gather_rows = self.rows.numel() > ALLOWED_ROWS_MAX_FRACTION * weight.shape[0]
         if self.gather_rows:  # the layer is called as it is: an int8 `GpaInt8OutputLayer` stays int8
             if head is not self.full_output_layer or self.head.data_ptr() != weight.data_ptr():
-                self.graph = None  # a captured graph would call the old layer or read the old storage
+                self.clear_graphs()  # a captured graph would call the old layer or read the old storage
             self.full_output_layer, self.head = head, weight
             return
         if self.head.shape != (self.rows.numel(), weight.shape[1]):
             self.head = weight[self.rows].contiguous()
             self.head_bias = None if bias is None else bias[self.rows].contiguous()
+            self.clear_graphs()
             return
         self.head.copy_(weight[self.rows])
         if bias is not None:
             self.head_bias.copy_(bias[self.rows])
+
+    def clear_graphs(self) -> None:
+        self.step_graph.clear()
+        self.prefill_graphs.clear()
 
     # ---- one step ------------------------------------------------------------------------------------------
     def next_token_scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -402,25 +458,13 @@ class GpaStaticDecoder:
         self.position += 1
 
     def step(self) -> None:
-        if self.model.device.type != "cuda":
+        if self.model.device.type == "cuda":
+            self.step_graph()
+        else:
             self.forward_step()
-            return
-        if self.graph is None:
-            # Warm up on a side stream (as CUDA graph capture requires), doing this step's real work, then capture
-            # the next one: capture records kernels without running them, so the buffers stay as they are.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.forward_step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.forward_step()
-            return
-        self.graph.replay()
 
     # ---- a request -----------------------------------------------------------------------------------------
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, budgets: torch.Tensor) -> None:
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> None:
         """Reset the buffers and the cache, run the prompts (left-padded) and pick the first new tokens."""
         length = input_ids.shape[1]
         self.cache.reset()
@@ -428,7 +472,6 @@ class GpaStaticDecoder:
         self.valid.fill_(True)  # every slot after the prompt holds a new token
         self.valid[:, :length] = valid
         self.padding.copy_((~valid).sum(-1))
-        self.budgets.copy_(budgets)
         self.finished.zero_()
         self.lengths.zero_()
         self.generated.zero_()
@@ -483,14 +526,21 @@ class GpaStaticDecoder:
         streamer: BaseStreamer | None,
         sync_every: int,
     ) -> torch.LongTensor:
-        if input_ids.shape[1] + max_new_tokens + sync_every > self.max_cache_len:
+        padding = -input_ids.shape[1] % self.prefill_multiple
+        prompts = nn.functional.pad(input_ids, (padding, 0), value=self.pad_token_id)
+        prompts_mask = nn.functional.pad(attention_mask, (padding, 0), value=0)
+        if prompts.shape[1] + max_new_tokens + sync_every > self.max_cache_len:
             raise ValueError(
-                f"{input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache ({self.max_cache_len})"
+                f"{prompts.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache ({self.max_cache_len})"
             )
         if streamer is not None:
             streamer.put(input_ids.cpu())
         self.refresh_output_rows()  # the model may have been trained since the last request
-        self.prefill(input_ids, attention_mask, budgets)
+        self.budgets.copy_(budgets)
+        if self.model.device.type == "cuda":
+            self.prefill_graphs(prompts, prompts_mask)
+        else:
+            self.prefill(prompts, prompts_mask)
         done, streamed = 1, 0
         while True:
             if done % sync_every == 0 or done >= max_new_tokens:
@@ -529,19 +579,42 @@ class GpaStaticDecoderCache(OrderedDict):
 # Below this share of allowed rows, computing only those rows pays off (ASR allows ~85% of them: not worth it).
 ALLOWED_ROWS_MAX_FRACTION = 0.5
 
+# Static decoding on CUDA pads prompts to a multiple of this many tokens: one prefill graph serves similar lengths.
+CUDA_PREFILL_MULTIPLE = 32
+
+
+def prefill_multiple_for(device: torch.device) -> int:
+    """Prompt-length multiple of static decoding: CUDA replays a graph per length; CPU runs prompts unpadded."""
+    return CUDA_PREFILL_MULTIPLE if torch.device(device).type == "cuda" else 1
+
+
+# Token counts the codec's CUDA graphs are captured for (up to 30 s of audio); outputs are padded up to the next.
+# Steps of at most 1.5x: padding costs the GPU little next to launching the decoder's kernels one by one.
+CODEC_GRAPH_FRAMES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
+
+
+def codec_graph_frames(frames: int) -> int | None:
+    """The graph length that holds `frames` semantic tokens, or None past the longest (decoded without a graph)."""
+    return next((size for size in CODEC_GRAPH_FRAMES if size >= frames), None)
+
 
 __all__ = [
     "ALLOWED_ROWS_MAX_FRACTION",
+    "CODEC_GRAPH_FRAMES",
+    "CUDA_PREFILL_MULTIPLE",
     "STATIC_DECODING_SYNC_EVERY",
     "TASK_GENERATION_DEFAULTS",
     "GpaAllowedRowsHead",
     "GpaAudioStreamer",
+    "GpaCudaGraphs",
     "GpaStaticDecoder",
     "GpaStaticDecoderCache",
     "GpaTaskLogitsProcessor",
     "StaticDecodingSettings",
     "allowed_token_mask",
     "build_generation_config",
+    "codec_graph_frames",
     "gumbel_max_sample",
     "length_budget",
+    "prefill_multiple_for",
 ]

@@ -677,13 +677,23 @@ class BiCodecModel(BiCodecPreTrainedModel):
             semantic_lengths = torch.full(
                 (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
             )
+        audio = self.decode_without_checks(semantic_codes, global_codes, semantic_lengths)
+        output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
+        return output if return_dict else output.to_tuple()
+
+    def decode_without_checks(
+        self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor, semantic_lengths: torch.LongTensor
+    ) -> torch.Tensor:
+        """`decode`'s audio `(batch, frames * hop)`, without its checks of the token ids.
+
+        The checks read the ids on the host; this takes ids known to be valid (a GPA model's own output) and never
+        waits for the device, so it can be captured in a CUDA graph.
+        """
         mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
         latents = self.quantizer.decode(semantic_codes)
         d_vector = self.speaker_embedding(global_codes)
         hidden_states = self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
-        audio = self.decoder(hidden_states, mask)
-        output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
-        return output if return_dict else output.to_tuple()
+        return self.decoder(hidden_states, mask)
 
     def forward(
         self,

@@ -22,13 +22,16 @@ from .generation_gpa import (
     STATIC_DECODING_SYNC_EVERY,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
+    GpaCudaGraphs,
     GpaStaticDecoder,
     GpaStaticDecoderCache,
     GpaStreamCancelled,
     GpaTaskLogitsProcessor,
     StaticDecodingSettings,
     allowed_token_mask,
+    codec_graph_frames,
     length_budget,
+    prefill_multiple_for,
 )
 from .modeling_bicodec import BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
@@ -90,6 +93,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             self._keys_to_ignore_on_load_unexpected = [r"^speech_tokenizer\."]
         self.post_init()
         self.static_decoders = GpaStaticDecoderCache()
+        self.codec_graphs = GpaCudaGraphs(self.bicodec.decode_without_checks)
         if not config.needs_audio_encoders:
             self._keys_to_ignore_on_load_unexpected.update([r"^bicodec\.semantic_model\.", r"^bicodec\.encoder\."])
 
@@ -189,8 +193,40 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         return "tts"
 
     @torch.no_grad()
-    def decode_audio(self, sequences: torch.LongTensor, prompt_length: int) -> list[torch.Tensor]:
-        """Waveforms of the semantic tokens generated after `prompt_length`, voiced by each prompt's global tokens."""
+    def synthesize(
+        self,
+        semantic_codes: torch.LongTensor,
+        global_codes: torch.LongTensor,
+        semantic_lengths: torch.LongTensor,
+        cuda_graphs: bool = False,
+    ) -> torch.Tensor:
+        """Audio `(batch, frames * hop)` of semantic tokens this model generated (valid ids: not checked again).
+
+        With `cuda_graphs` on a CUDA device, the codec runs as a CUDA graph captured per batch size and length
+        (padded up to one of `CODEC_GRAPH_FRAMES`; the mask keeps the padding out of every item's audio): the
+        decoder is hundreds of short kernels, which the GPU otherwise waits on Python to launch.
+        """
+        expected = self.config.bicodec_config.num_global_tokens
+        if global_codes.shape[-1] != expected:
+            raise ValueError(f"a voice is {expected} global tokens; got {global_codes.shape[-1]} in the prompt")
+        frames = semantic_codes.shape[1]
+        graph_frames = codec_graph_frames(frames)
+        if not cuda_graphs or self.device.type != "cuda" or graph_frames is None:
+            return self.bicodec.decode_without_checks(semantic_codes, global_codes, semantic_lengths)
+        padded = torch.nn.functional.pad(semantic_codes, (0, graph_frames - frames))
+        # A graph reads the weights where they were at capture: a codec moved or cast since needs a new one.
+        storage = tuple(tensor.data_ptr() for tensor in self.bicodec.parameters())
+        audio = self.codec_graphs(padded, global_codes, semantic_lengths, version=storage)
+        return audio[:, : frames * self.config.bicodec_config.hop_length]
+
+    @torch.no_grad()
+    def decode_audio(
+        self, sequences: torch.LongTensor, prompt_length: int, cuda_graphs: bool = False
+    ) -> list[torch.Tensor]:
+        """Waveforms of the semantic tokens generated after `prompt_length`, voiced by each prompt's global tokens.
+
+        `cuda_graphs`: decode with [`synthesize`]'s CUDA graphs (on a CUDA device).
+        """
         layout = self.config.layout
         semantic, voices, empty = [], [], []
         for row, sequence in enumerate(sequences):
@@ -207,8 +243,9 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if int(lengths.max()) == 0:
             return [torch.zeros(0) for _ in semantic]
         padded = torch.nn.utils.rnn.pad_sequence(semantic, batch_first=True)
-        decoded = self.bicodec.decode(padded, torch.stack(voices), lengths)
-        return [audio[:length].float().cpu() for audio, length in zip(decoded.audio_values, decoded.audio_lengths)]
+        audio = self.synthesize(padded, torch.stack(voices), lengths, cuda_graphs)
+        hop = self.config.bicodec_config.hop_length
+        return [item[: length * hop].float().cpu() for item, length in zip(audio, lengths.tolist())]
 
     # ---- generation ------------------------------------------------------------------------------------
     def quantize_lm_dynamic_int8(self) -> "GpaForConditionalGeneration":
@@ -286,7 +323,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         streamer=None,
         restrict_output: bool = True,
         static_decoding: bool = False,
-        compile_decoding: bool = False,
+        compile_decoding: bool | str = False,
         **kwargs,
     ):
         """Generate for a prompt from [`GpaProcessor`]; `generate` kwargs (sampling, `max_new_tokens`...) pass through.
@@ -298,12 +335,14 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             output_audio: for TTS / VC, return a [`GpaGenerateOutput`] with decoded waveforms.
             streamer: a `transformers` streamer; it receives the new token ids as they are generated.
             restrict_output: compute logits only for the rows the task may emit (TTS / VC); same outputs, faster.
-            static_decoding: decode with [`GpaStaticDecoder`] (static KV cache; on CUDA each step is one CUDA graph
-                replay, several times faster than `generate` for this small LM). Greedy decoding gives the same
-                tokens; sampling draws from the same distribution. Supports the sampling settings GPA's tasks use
-                (temperature, top_k, top_p, repetition_penalty, min_new_tokens) and raises for others.
+            static_decoding: decode with [`GpaStaticDecoder`] (static KV cache; on CUDA the prompt and each step
+                are CUDA graph replays, several times faster than `generate` for this small LM, and so is the
+                decoding to audio, see [`synthesize`]). Greedy decoding gives the same tokens; sampling draws from
+                the same distribution. Supports the sampling settings GPA's tasks use (temperature, top_k, top_p,
+                repetition_penalty, min_new_tokens) and raises for others.
             compile_decoding: with `static_decoding`, compile the decoding step with `torch.compile` (fewer, fused
                 kernels per step: faster on GPU once compiled; the first request of a shape pays the compilation).
+                A string is the `torch.compile` mode, e.g. `"max-autotune-no-cudagraphs"`.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")
@@ -342,7 +381,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if not output_audio:
             return outputs
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        return GpaGenerateOutput(sequences=sequences, audio=self.decode_audio(sequences, input_ids.shape[1]))
+        audio = self.decode_audio(sequences, input_ids.shape[1], cuda_graphs=static_decoding)
+        return GpaGenerateOutput(sequences=sequences, audio=audio)
 
     def static_decode(
         self,
@@ -353,13 +393,15 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         budgets: torch.LongTensor,
         config: GenerationConfig,
         streamer=None,
-        compile_step: bool = False,
+        compile_step: bool | str = False,
     ) -> torch.LongTensor:
         """`generate`'s `static_decoding=True` path: reuse (or build) the decoder of this shape and run it."""
         settings = StaticDecodingSettings.from_generation_config(config)
         # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph; the
         # margin holds the steps run past the end before the host looks.
-        needed = input_ids.shape[1] + config.max_new_tokens + STATIC_DECODING_SYNC_EVERY
+        multiple = prefill_multiple_for(self.device)
+        prompt_length = -(-input_ids.shape[1] // multiple) * multiple
+        needed = prompt_length + config.max_new_tokens + STATIC_DECODING_SYNC_EVERY
         max_cache_len = -(-needed // 256) * 256
         pad = config.pad_token_id if config.pad_token_id is not None else self.config.layout.stop
         key = (task, input_ids.shape[0], max_cache_len, settings, pad, compile_step, self.device, self.dtype)
@@ -408,12 +450,14 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
         voice = layout.block_codes(prompt, "global").unsqueeze(0)
         hop = self.config.bicodec_config.hop_length
+        cuda_graphs = kwargs.get("static_decoding", False)
 
         @torch.no_grad()
         def decode_window(codes: list[int], start: int, stop: int) -> torch.Tensor:
             first = max(0, start - left_context)
             window = torch.tensor([codes[first : stop + right_context]], device=self.device)
-            audio = self.bicodec.decode(window, voice).audio_values[0]
+            length = torch.tensor([window.shape[1]], device=self.device)
+            audio = self.synthesize(window, voice, length, cuda_graphs)[0]
             return audio[(start - first) * hop : (stop - first) * hop].float().cpu()
 
         streamer = GpaAudioStreamer(

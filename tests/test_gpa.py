@@ -314,15 +314,15 @@ def test_gradient_checkpointing_training_step(converted):
     assert torch.isfinite(loss) and model.model.layers[0].mlp.up_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("static_decoding", [True, False])
 @pytest.mark.parametrize("task", ["tts", "vc"])
-def test_streamed_chunks_join_to_the_offline_waveform(gpa, task):
+def test_streamed_chunks_join_to_the_offline_waveform(gpa, task, static_decoding):
     model, processor = gpa
     kwargs = {"text": TEXT} if task == "tts" else {"audio": str(AUDIO / "000.wav")}
     inputs = processor(task=task, voice=str(AUDIO / "astro.wav"), **kwargs)
     offline = model.generate(**inputs, do_sample=False, max_new_tokens=120, output_audio=True).audio[0]
-    chunks = list(
-        model.generate_stream(**inputs, do_sample=False, max_new_tokens=120, first_chunk_tokens=7, chunk_tokens=25)
-    )
+    settings = {"do_sample": False, "max_new_tokens": 120, "static_decoding": static_decoding}
+    chunks = list(model.generate_stream(**inputs, **settings, first_chunk_tokens=7, chunk_tokens=25))
     hop = model.config.bicodec_config.hop_length
     assert chunks[0].numel() == 7 * hop and all(c.numel() == 25 * hop for c in chunks[1:-1])
     joined = torch.cat(chunks)
@@ -337,12 +337,14 @@ def test_stopping_a_stream_early_stops_generation(gpa, static_decoding):
     inputs = processor(task="tts", text=TEXT, voice=str(AUDIO / "astro.wav"))
     full = model.generate(**inputs, do_sample=False, max_new_tokens=300)
     new_tokens = full.shape[1] - inputs["input_ids"].shape[1]
+    threads_before = threading.active_count()
     stream = model.generate_stream(**inputs, do_sample=False, max_new_tokens=300, static_decoding=static_decoding)
     next(stream)
     streamer = stream.gi_frame.f_locals["streamer"]
-    threads = threading.active_count()
+    # static decoding steps in the caller's thread; `generate` runs in a thread of its own while the stream lasts
+    assert threading.active_count() == threads_before + (0 if static_decoding else 1)
     stream.close()  # returns once generation has stopped
-    assert threading.active_count() == threads - 1
+    assert threading.active_count() == threads_before
     assert len(streamer.codes) < new_tokens / 2, (len(streamer.codes), new_tokens)
 
 

@@ -6,7 +6,7 @@ import inspect
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +187,17 @@ class GpaAudioStreamer(BaseStreamer):
 
     def __iter__(self):
         while (chunk := self.queue.get(timeout=self.timeout)) is not None:
+            yield chunk
+
+    def ready_chunks(self) -> Iterator[torch.Tensor]:
+        """The chunks decoded so far, without waiting: for a consumer in the generating thread."""
+        while True:
+            try:
+                chunk = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if chunk is None:
+                return
             yield chunk
 
 
@@ -506,26 +517,37 @@ class GpaStaticDecoder:
     ) -> torch.LongTensor:
         """Prompts + new tokens, finished rows padded with `pad_token_id`, as `generate` returns them.
 
-        Steps run in groups of `sync_every` between two looks at the host (default: 8, or 1 with a streamer, which
-        then gets each token as soon as it exists); steps after every row has stopped only write padding, which
-        is cut off, so the result does not depend on `sync_every`.
+        The host looks at the new tokens every `sync_every` steps (default: 8, or 1 with a streamer, which then gets
+        each token as soon as it exists).
         """
         sync_every = sync_every or (1 if streamer is not None else STATIC_DECODING_SYNC_EVERY)
-        # Always in inference mode, so that the cache and buffers are used the same way from any caller or thread
-        # (inference mode is per thread); the result is cloned outside it, into an ordinary tensor.
-        with torch.inference_mode():
-            sequences = self._decode(input_ids, attention_mask, budgets, max_new_tokens, streamer, sync_every)
-        return sequences.clone()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        length = 0
+        for new_tokens in self.generate_tokens(input_ids, attention_mask, budgets, max_new_tokens, sync_every):
+            length += new_tokens.shape[1]
+            for column in new_tokens.t() if streamer is not None else ():
+                streamer.put(column)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids, self.output[:, :length]], dim=1)
 
-    def _decode(
+    def generate_tokens(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor,
         budgets: torch.Tensor,
         max_new_tokens: int,
-        streamer: BaseStreamer | None,
-        sync_every: int,
-    ) -> torch.LongTensor:
+        sync_every: int = STATIC_DECODING_SYNC_EVERY,
+    ) -> Iterator[torch.LongTensor]:
+        """Run one request, yielding its new tokens `(batch, n)` on the host each time the host looks at them.
+
+        The steps run in the caller's thread, between two items. That is what a stream needs on CPU, where a
+        generation thread of its own runs every multi-threaded op several times slower: with two thread pools on
+        few cores, OpenMP's workers stop spinning and sleep between ops. Steps after every row has stopped only write
+        padding, which is never yielded, so the tokens do not depend on `sync_every`. Work runs in inference mode
+        (per thread, so the cache and buffers are used the same way from any caller); between items it is off.
+        """
         padding = -input_ids.shape[1] % self.prefill_multiple
         prompts = nn.functional.pad(input_ids, (padding, 0), value=self.pad_token_id)
         prompts_mask = nn.functional.pad(attention_mask, (padding, 0), value=0)
@@ -533,30 +555,27 @@ class GpaStaticDecoder:
             raise ValueError(
                 f"{prompts.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache ({self.max_cache_len})"
             )
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        self.refresh_output_rows()  # the model may have been trained since the last request
-        self.budgets.copy_(budgets)
-        if self.model.device.type == "cuda":
-            self.prefill_graphs(prompts, prompts_mask)
-        else:
-            self.prefill(prompts, prompts_mask)
-        done, streamed = 1, 0
+        with torch.inference_mode():
+            self.refresh_output_rows()  # the model may have been trained since the last request
+            self.budgets.copy_(budgets)
+            if self.model.device.type == "cuda":
+                self.prefill_graphs(prompts, prompts_mask)
+            else:
+                self.prefill(prompts, prompts_mask)
+        done, seen = 1, 0
         while True:
             if done % sync_every == 0 or done >= max_new_tokens:
-                all_finished = bool(self.finished.all())
-                end = min(done, int(self.lengths.max())) if all_finished else done
-                if streamer is not None:
-                    for column in self.output[:, streamed:end].cpu().t():
-                        streamer.put(column)
-                    streamed = end
+                with torch.inference_mode():
+                    all_finished = bool(self.finished.all())
+                    end = min(done, int(self.lengths.max())) if all_finished else done
+                    new_tokens = self.output[:, seen:end].clone().cpu()
+                yield new_tokens
+                seen = end
                 if all_finished or done >= max_new_tokens:
-                    break
-            self.step()
+                    return
+            with torch.inference_mode():
+                self.step()
             done += 1
-        if streamer is not None:
-            streamer.end()
-        return torch.cat([input_ids, self.output[:, :end]], dim=1)
 
 
 class GpaStaticDecoderCache(OrderedDict):

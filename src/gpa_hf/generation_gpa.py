@@ -543,10 +543,10 @@ class GpaStaticDecoder:
         """Run one request, yielding its new tokens `(batch, n)` on the host each time the host looks at them.
 
         The steps run in the caller's thread, between two items. That is what a stream needs on CPU, where a
-        generation thread of its own runs every multi-threaded op several times slower: with two thread pools on
-        few cores, OpenMP's workers stop spinning and sleep between ops. Steps after every row has stopped only write
-        padding, which is never yielded, so the tokens do not depend on `sync_every`. Work runs in inference mode
-        (per thread, so the cache and buffers are used the same way from any caller); between items it is off.
+        generation thread of its own (with an OpenMP thread pool of its own) runs every multi-threaded op several
+        times slower. Steps after every row has stopped only write padding, which is never yielded, so the tokens do
+        not depend on `sync_every`. Work runs in inference mode (per thread, so the cache and buffers are used the
+        same way from any caller); between items it is off.
         """
         padding = -input_ids.shape[1] % self.prefill_multiple
         prompts = nn.functional.pad(input_ids, (padding, 0), value=self.pad_token_id)

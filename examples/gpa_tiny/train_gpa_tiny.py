@@ -366,6 +366,23 @@ def train_audio_tokenizers(
     return bicodec.eval(), glm.eval(), bicodec_features, glm_features
 
 
+def with_tts_rows_for_vc_targets(train: Path) -> Path:
+    """The training rows plus a TTS row for every voice-conversion target clip (the text of its source, in the
+    target's voice, prompted with the VC row's other clip of that voice): 50% more TTS examples from audio the
+    corpus already has. Written beside `train` (its audio paths are relative to its folder)."""
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    text_of = {row["audio"]: row["text"] for row in rows if row.get("text")}
+    extra = [
+        {"task": "tts-a", "audio": row["vc_audio"], "text": text_of[row["audio"]], "ref_audio": row["ref_audio"]}
+        for row in rows
+        if row["task"] == "vc"
+    ]
+    output = train.with_name(f"{train.stem}_with_vc_target_tts.jsonl")
+    output.write_text("".join(json.dumps(row) + "\n" for row in rows + extra))
+    print(f"{len(extra)} TTS rows added from voice-conversion targets", flush=True)
+    return output
+
+
 # ---- assembling and training the LM ---------------------------------------------------------------------------
 def assemble_gpa(bicodec, glm, bicodec_features, glm_features, hidden_size: int, num_layers: int):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_SOURCE)
@@ -428,6 +445,11 @@ def main() -> int:
         help="a trained GPA folder (e.g. gpa_hf.DEFAULT_MODEL) whose BiCodec and GLM tokenizer are reused: stage 2 is "
         "skipped and only the LM is trained (to try LM settings without retraining the codecs)",
     )
+    parser.add_argument(
+        "--vc-targets-as-tts",
+        action="store_true",
+        help="also train TTS on the voice-conversion target clips (text of their source): 6,000 TTS rows, not 4,000",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -461,8 +483,9 @@ def main() -> int:
         model, processor = assemble_gpa(
             bicodec, glm, bicodec_features, glm_features, args.lm_hidden_size, args.lm_layers
         )
+    train_file = with_tts_rows_for_vc_targets(files["train"]) if args.vc_targets_as_tts else files["train"]
     prepared, report = prepare_dataset(
-        load_jsonl_dataset(files["train"]), model, processor, batch_size=32, cache_dir=work / "cache"
+        load_jsonl_dataset(train_file), model, processor, batch_size=32, cache_dir=work / "cache"
     )
     print(report, flush=True)
     for cycle in range(args.first_cycle, args.lm_cycles + 1):

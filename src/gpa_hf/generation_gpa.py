@@ -351,7 +351,8 @@ class GpaStaticDecoder:
         self.prefill_multiple = prefill_multiple or prefill_multiple_for(device)
         self.model = model
         # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
-        # fewer, so a step takes less time. Only the one-token step is compiled; prompts of any length run eagerly.
+        # fewer, so a step takes less time. Only the one-token step is compiled; prompts run uncompiled (on CUDA,
+        # captured as graphs).
         # A string names the `torch.compile` mode (e.g. "max-autotune-no-cudagraphs": slower to compile).
         mode = compile_step if isinstance(compile_step, str) else None
         self.step_lm = torch.compile(model.model, dynamic=False, mode=mode) if compile_step else model.model

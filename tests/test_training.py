@@ -356,3 +356,17 @@ def test_trainer_adds_semantic_input_noise_only_while_training(gpa, tmp_path, mo
     assert len(seen) == 2  # evaluation sees clean sequences
     model.load_state_dict(state)
     model.eval()
+
+
+def test_gpa_tiny_recipe_trains_tts_on_voice_conversion_targets(tmp_path):
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    from train_gpa_tiny import with_tts_rows_for_vc_targets
+
+    rows = [
+        {"task": "stt", "audio": "wav/a.wav", "text": "one two"},
+        {"task": "vc", "audio": "wav/a.wav", "vc_audio": "wav/vc_a.wav", "ref_audio": "wav/b.wav"},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    written = [json.loads(line) for line in with_tts_rows_for_vc_targets(train).read_text().splitlines()]
+    tts = {"task": "tts-a", "audio": "wav/vc_a.wav", "text": "one two", "ref_audio": "wav/b.wav"}
+    assert written == [*rows, tts]

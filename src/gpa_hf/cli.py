@@ -310,7 +310,8 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         "--static-decoding",
         dest="static_decoding",
         action="store_true",
-        help="decode over a static KV cache, one CUDA graph per step on GPU (several times faster there)",
+        help="decode over a static KV cache; on GPU the prompt, each step and the codec are CUDA graphs (several "
+        "times faster there); --stream always does",
     )
     parser.add_argument(
         "--compile", dest="compile_decoding", action="store_true", help="with --static-decoding: torch.compile it"

@@ -522,15 +522,8 @@ class GpaStaticDecoder:
         each token as soon as it exists).
         """
         sync_every = sync_every or (1 if streamer is not None else STATIC_DECODING_SYNC_EVERY)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        length = 0
-        for new_tokens in self.generate_tokens(input_ids, attention_mask, budgets, max_new_tokens, sync_every):
-            length += new_tokens.shape[1]
-            for column in new_tokens.t() if streamer is not None else ():
-                streamer.put(column)
-        if streamer is not None:
-            streamer.end()
+        steps = self.generate_tokens(input_ids, attention_mask, budgets, max_new_tokens, sync_every, streamer)
+        length = sum(new_tokens.shape[1] for new_tokens in steps)
         return torch.cat([input_ids, self.output[:, :length]], dim=1)
 
     def generate_tokens(
@@ -540,8 +533,11 @@ class GpaStaticDecoder:
         budgets: torch.Tensor,
         max_new_tokens: int,
         sync_every: int = STATIC_DECODING_SYNC_EVERY,
+        streamer: BaseStreamer | None = None,
     ) -> Iterator[torch.LongTensor]:
         """Run one request, yielding its new tokens `(batch, n)` on the host each time the host looks at them.
+
+        A `streamer` gets the prompt, then each new token before it is yielded, and `end()` after the last.
 
         The steps run in the caller's thread, between two items. That is what a stream needs on CPU, where a
         generation thread of its own (with an OpenMP thread pool of its own) runs every multi-threaded op several
@@ -556,6 +552,8 @@ class GpaStaticDecoder:
             raise ValueError(
                 f"{prompts.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache ({self.max_cache_len})"
             )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         with torch.inference_mode():
             self.refresh_output_rows()  # the model may have been trained since the last request
             self.budgets.copy_(budgets)
@@ -570,9 +568,13 @@ class GpaStaticDecoder:
                     all_finished = bool(self.finished.all())
                     end = min(done, int(self.lengths.max())) if all_finished else done
                     new_tokens = self.output[:, seen:end].clone().cpu()
+                for column in new_tokens.t() if streamer is not None else ():
+                    streamer.put(column)
                 yield new_tokens
                 seen = end
                 if all_finished or done >= max_new_tokens:
+                    if streamer is not None:
+                        streamer.end()
                     return
             with torch.inference_mode():
                 self.step()

@@ -650,6 +650,18 @@ class BiCodecModel(BiCodecPreTrainedModel):
         """The d-vector `(batch, hidden_size)` that global tokens decode to."""
         return self.speaker_encoder.d_vector(global_codes)
 
+    def check_code_shapes(self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor) -> None:
+        """Raise for token tensors `decode` cannot take; reads shapes only (no device sync)."""
+        if semantic_codes.ndim != 2 or global_codes.ndim != 2:
+            raise ValueError(
+                "decode expects semantic_codes (batch, frames) and global_codes (batch, num_global_tokens), got "
+                f"{tuple(semantic_codes.shape)} and {tuple(global_codes.shape)}"
+            )
+        if global_codes.shape[-1] != self.config.num_global_tokens:
+            raise ValueError(
+                f"expected {self.config.num_global_tokens} global tokens; got {global_codes.shape[-1]} per item"
+            )
+
     def decode(
         self,
         semantic_codes: torch.LongTensor,
@@ -658,15 +670,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         return_dict: bool = True,
     ) -> BiCodecDecoderOutput | tuple:
         """Semantic `(batch, frames)` + global `(batch, num_global_tokens)` tokens -> `(batch, frames * hop)` audio."""
-        if semantic_codes.ndim != 2 or global_codes.ndim != 2:
-            raise ValueError(
-                "decode expects semantic_codes (batch, frames) and global_codes (batch, num_global_tokens), got "
-                f"{tuple(semantic_codes.shape)} and {tuple(global_codes.shape)}"
-            )
-        if global_codes.shape[-1] != self.config.num_global_tokens:
-            raise ValueError(
-                f"expected {self.config.num_global_tokens} global tokens per item, got {global_codes.shape[-1]}"
-            )
+        self.check_code_shapes(semantic_codes, global_codes)
         for name, codes, size in (
             ("semantic", semantic_codes, self.config.codebook_size),
             ("global", global_codes, self.config.global_codebook_size),
@@ -684,11 +688,12 @@ class BiCodecModel(BiCodecPreTrainedModel):
     def decode_without_checks(
         self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor, semantic_lengths: torch.LongTensor
     ) -> torch.Tensor:
-        """`decode`'s audio `(batch, frames * hop)`, without its checks of the token ids.
+        """`decode`'s audio `(batch, frames * hop)`, without its checks of the token ids (the shapes are checked).
 
-        The checks read the ids on the host; this takes ids known to be valid (a GPA model's own output) and never
+        The id checks read the ids on the host; this takes ids known to be valid (a GPA model's own output) and never
         waits for the device, so it can be captured in a CUDA graph.
         """
+        self.check_code_shapes(semantic_codes, global_codes)
         mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
         latents = self.quantizer.decode(semantic_codes)
         d_vector = self.speaker_embedding(global_codes)

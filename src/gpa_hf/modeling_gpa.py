@@ -206,9 +206,6 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         (padded up to one of `CODEC_GRAPH_FRAMES`; the mask keeps the padding out of every item's audio): the
         decoder is hundreds of short kernels, which the GPU otherwise waits on Python to launch.
         """
-        expected = self.config.bicodec_config.num_global_tokens
-        if global_codes.shape[-1] != expected:
-            raise ValueError(f"a voice is {expected} global tokens; got {global_codes.shape[-1]} in the prompt")
         frames = semantic_codes.shape[1]
         graph_frames = codec_graph_frames(frames)
         if not cuda_graphs or self.device.type != "cuda" or graph_frames is None:
@@ -350,14 +347,14 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         input_ids, attention_mask, task, budgets, config = request
         if output_audio and task == "asr":
             raise ValueError("output_audio=True is for tts and vc; ASR returns text ids")
-        layout = self.config.layout
-        allowed = allowed_token_mask(task, layout, self.config.vocab_size)
         if static_decoding:
             if logits_processor:
                 raise ValueError("static_decoding does not run extra logits processors; use generate without it")
             decoder = self.static_decoder(input_ids, task, config, compile_decoding)
             outputs = decoder.decode(input_ids, attention_mask, budgets, config.max_new_tokens, streamer)
         else:
+            layout = self.config.layout
+            allowed = allowed_token_mask(task, layout, self.config.vocab_size)
             processors = LogitsProcessorList(logits_processor or [])
             processors.append(GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets))
             with self.allowed_rows_output(allowed) if restrict_output else nullcontext():
@@ -484,13 +481,10 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 input_ids, attention_mask, None, task, generation_config, kwargs
             )
             decoder = self.static_decoder(input_ids, task, config, compile_step)
-            streamer.put(input_ids.cpu())
-            for new_tokens in decoder.generate_tokens(input_ids, attention_mask, budgets, config.max_new_tokens, 1):
-                for column in new_tokens.t():
-                    streamer.put(column)
+            steps = decoder.generate_tokens(input_ids, attention_mask, budgets, config.max_new_tokens, 1, streamer)
+            for _ in steps:  # the streamer decodes a chunk once its tokens and right context exist
                 yield from streamer.ready_chunks()
-            streamer.end()
-            yield from streamer.ready_chunks()
+            yield from streamer.ready_chunks()  # the rest, decoded when the stream ended
             return
         failure: list[BaseException] = []
 

@@ -370,3 +370,40 @@ def test_gpa_tiny_recipe_trains_tts_on_voice_conversion_targets(tmp_path):
     written = [json.loads(line) for line in with_tts_rows_for_vc_targets(train).read_text().splitlines()]
     tts = {"task": "tts-a", "audio": "wav/vc_a.wav", "text": "one two", "ref_audio": "wav/b.wav"}
     assert written == [*rows, tts]
+
+
+@pytest.mark.parametrize("token_rate", [50, 25])
+def test_gpa_tiny_recipe_codec_makes_one_token_per_hop(token_rate):
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    from train_gpa_tiny import bicodec_config
+
+    from gpa_hf import BiCodecFeatureExtractor, BiCodecModel
+
+    torch.manual_seed(0)
+    codec = BiCodecModel(bicodec_config(token_rate)).eval()
+    hop = codec.config.hop_length
+    assert hop == 16000 // token_rate
+    features = BiCodecFeatureExtractor(hop_length=hop, reference_length=codec.config.reference_length)
+    clips = [torch.randn(n).numpy() * 0.1 for n in (hop + hop // 4, 7 * hop + hop // 4 + 5, 16000)]
+    with torch.no_grad():
+        encoded = codec.encode(**features(clips, sampling_rate=16000))
+        counts = [(clip.shape[0] - features.min_samples) // hop + 1 for clip in clips]
+        assert encoded.semantic_lengths.tolist() == counts == [1, 7, token_rate - 1]
+        decoded = codec.decode(encoded.semantic_codes, encoded.global_codes, encoded.semantic_lengths)
+    assert decoded.audio_values.shape[-1] == max(counts) * hop
+    assert decoded.audio_lengths.tolist() == [count * hop for count in counts]
+
+
+def test_codec_config_rejects_a_semantic_encoder_of_another_hop():
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    from train_gpa_tiny import bicodec_config
+
+    from gpa_hf import BiCodecConfig
+
+    settings = {
+        **bicodec_config(50).to_dict(),
+        "upsampling_rates": [8, 5, 4, 4],
+        "decoder_kernel_sizes": [16, 11, 8, 8],
+    }
+    with pytest.raises(ValueError, match="step 320 samples over a 400-sample receptive field; hop_length=640 needs"):
+        BiCodecConfig(**{**settings, "hop_length": 640})

@@ -137,6 +137,20 @@ class BiCodecConfig(PreTrainedConfig):
             )
         if self.ecapa_channels % 8:
             raise ValueError(f"ecapa_channels={self.ecapa_channels} must be divisible by the Res2Net scale 8")
+        semantic = self.semantic_model_config
+        if semantic is not None:
+            # Token counts are computed from hop_length alone where wav2vec2 is not loaded (TTS-only models, the
+            # feature extractor): its conv stack must step by hop_length over a hop + hop / 4 receptive field.
+            stride, receptive_field = 1, 1
+            for kernel, step in zip(semantic.conv_kernel, semantic.conv_stride):
+                receptive_field += (kernel - 1) * stride
+                stride *= step
+            expected = (self.hop_length, self.hop_length + self.hop_length // 4)
+            if (stride, receptive_field) != expected:
+                raise ValueError(
+                    f"the semantic model's convolutions step {stride} samples over a {receptive_field}-sample "
+                    f"receptive field; hop_length={self.hop_length} needs {expected[0]} over {expected[1]}"
+                )
 
     @property
     def reference_length(self) -> int:

@@ -545,7 +545,7 @@ class GpaStaticDecoder:
         not depend on `sync_every`. Work runs in inference mode (per thread, so the cache and buffers are used the
         same way from any caller); between items it is off.
         """
-        padding = -input_ids.shape[1] % self.prefill_multiple
+        padding = round_up(input_ids.shape[1], self.prefill_multiple) - input_ids.shape[1]
         prompts = nn.functional.pad(input_ids, (padding, 0), value=self.pad_token_id)
         prompts_mask = nn.functional.pad(attention_mask, (padding, 0), value=0)
         if prompts.shape[1] + max_new_tokens + sync_every > self.max_cache_len:
@@ -608,6 +608,11 @@ CUDA_PREFILL_MULTIPLE = 32
 def prefill_multiple_for(device: torch.device) -> int:
     """Prompt-length multiple of static decoding: CUDA replays a graph per length; CPU runs prompts unpadded."""
     return CUDA_PREFILL_MULTIPLE if torch.device(device).type == "cuda" else 1
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= `value` (padded prompt and cache lengths)."""
+    return -(-value // multiple) * multiple
 
 
 # Token counts the codec's CUDA graphs are captured for (up to 30 s of audio); outputs are padded up to the next.

@@ -32,6 +32,7 @@ from .generation_gpa import (
     codec_graph_frames,
     length_budget,
     prefill_multiple_for,
+    round_up,
 )
 from .modeling_bicodec import BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
@@ -403,10 +404,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         settings = StaticDecodingSettings.from_generation_config(config)
         # Cache lengths in steps of 256, so that requests of similar length share one decoder and its graph; the
         # margin holds the steps run past the end before the host looks.
-        multiple = prefill_multiple_for(self.device)
-        prompt_length = -(-input_ids.shape[1] // multiple) * multiple
-        needed = prompt_length + config.max_new_tokens + STATIC_DECODING_SYNC_EVERY
-        max_cache_len = -(-needed // 256) * 256
+        prompt_length = round_up(input_ids.shape[1], prefill_multiple_for(self.device))
+        max_cache_len = round_up(prompt_length + config.max_new_tokens + STATIC_DECODING_SYNC_EVERY, 256)
         pad = config.pad_token_id if config.pad_token_id is not None else self.config.layout.stop
         key = (task, input_ids.shape[0], max_cache_len, settings, pad, compile_step, self.device, self.dtype)
 

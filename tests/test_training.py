@@ -358,29 +358,34 @@ def test_trainer_adds_semantic_input_noise_only_while_training(gpa, tmp_path, mo
     model.eval()
 
 
-def test_gpa_tiny_recipe_trains_tts_on_voice_conversion_targets(tmp_path):
+@pytest.fixture(scope="module")
+def gpa_tiny_recipe():
+    """The gpa-tiny training script as a module (it lives in examples/, outside the package)."""
     sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
-    from train_gpa_tiny import with_tts_rows_for_vc_targets
+    import train_gpa_tiny
 
+    return train_gpa_tiny
+
+
+def test_gpa_tiny_recipe_trains_tts_on_voice_conversion_targets(gpa_tiny_recipe, tmp_path):
     rows = [
         {"task": "stt", "audio": "wav/a.wav", "text": "one two"},
         {"task": "vc", "audio": "wav/a.wav", "vc_audio": "wav/vc_a.wav", "ref_audio": "wav/b.wav"},
     ]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    written = [json.loads(line) for line in with_tts_rows_for_vc_targets(train).read_text().splitlines()]
+    written = [
+        json.loads(line) for line in gpa_tiny_recipe.with_tts_rows_for_vc_targets(train).read_text().splitlines()
+    ]
     tts = {"task": "tts-a", "audio": "wav/vc_a.wav", "text": "one two", "ref_audio": "wav/b.wav"}
     assert written == [*rows, tts]
 
 
 @pytest.mark.parametrize("token_rate", [50, 25])
-def test_gpa_tiny_recipe_codec_makes_one_token_per_hop(token_rate):
-    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
-    from train_gpa_tiny import bicodec_config
-
+def test_gpa_tiny_recipe_codec_makes_one_token_per_hop(gpa_tiny_recipe, token_rate):
     from gpa_hf import BiCodecFeatureExtractor, BiCodecModel
 
     torch.manual_seed(0)
-    codec = BiCodecModel(bicodec_config(token_rate)).eval()
+    codec = BiCodecModel(gpa_tiny_recipe.bicodec_config(token_rate)).eval()
     hop = codec.config.hop_length
     assert hop == 16000 // token_rate
     features = BiCodecFeatureExtractor(hop_length=hop, reference_length=codec.config.reference_length)
@@ -394,14 +399,11 @@ def test_gpa_tiny_recipe_codec_makes_one_token_per_hop(token_rate):
     assert decoded.audio_lengths.tolist() == [count * hop for count in counts]
 
 
-def test_codec_config_rejects_a_semantic_encoder_of_another_hop():
-    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
-    from train_gpa_tiny import bicodec_config
-
+def test_codec_config_rejects_a_semantic_encoder_of_another_hop(gpa_tiny_recipe):
     from gpa_hf import BiCodecConfig
 
     settings = {
-        **bicodec_config(50).to_dict(),
+        **gpa_tiny_recipe.bicodec_config(50).to_dict(),
         "upsampling_rates": [8, 5, 4, 4],
         "decoder_kernel_sizes": [16, 11, 8, 8],
     }

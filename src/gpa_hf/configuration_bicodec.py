@@ -145,12 +145,17 @@ class BiCodecConfig(PreTrainedConfig):
             for kernel, step in zip(semantic.conv_kernel, semantic.conv_stride):
                 receptive_field += (kernel - 1) * stride
                 stride *= step
-            expected = (self.hop_length, self.hop_length + self.hop_length // 4)
+            expected = (self.hop_length, self.semantic_receptive_field)
             if (stride, receptive_field) != expected:
                 raise ValueError(
                     f"the semantic model's convolutions step {stride} samples over a {receptive_field}-sample "
                     f"receptive field; hop_length={self.hop_length} needs {expected[0]} over {expected[1]}"
                 )
+
+    @property
+    def semantic_receptive_field(self) -> int:
+        """Samples behind the first semantic token: hop + hop / 4, as wav2vec2's conv stack (400 published)."""
+        return self.hop_length + self.hop_length // 4
 
     @property
     def reference_length(self) -> int:

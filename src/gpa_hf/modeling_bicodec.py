@@ -594,7 +594,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         """Semantic tokens for clips of `sample_lengths` samples: `floor((n - 400) / 320) + 1` published."""
         if self.semantic_model is not None:
             return self.semantic_model._get_feat_extract_output_lengths(sample_lengths).long()
-        receptive_field = self.config.hop_length + self.config.hop_length // 4
+        receptive_field = self.config.semantic_receptive_field
         return torch.div(sample_lengths - receptive_field, self.config.hop_length, rounding_mode="floor") + 1
 
     def reference_mel(self, reference_values: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -22,7 +23,15 @@ from gpa_hf.data_gpa import (
     load_jsonl_dataset,
     prepare_dataset,
 )
-from gpa_hf.evaluation_gpa import GpaErrorRate, error_rate, evaluate_gpa, normalize_text, write_report
+from gpa_hf.evaluation_gpa import (
+    GpaErrorRate,
+    error_rate,
+    evaluate_gpa,
+    median_pitch,
+    normalize_text,
+    pitch_closer_to_target,
+    write_report,
+)
 
 TEXT = "Hello world, this is Major Tom speaking."
 SAMPLE_JSONL = SHARED_DATA / "merged_shuffled_train.jsonl"
@@ -247,13 +256,37 @@ def test_asr_and_tts_evaluation_reports(gpa, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_vc_evaluation_compares_target_and_source_similarity(gpa):
+def test_vc_evaluation_compares_target_and_source_similarity(gpa, tmp_path):
     model, processor = gpa
     rows = [{"task": "vc", "audio": str(AUDIO / "000.wav"), "ref_audio": str(AUDIO / "astro.wav")}]
     report = evaluate_gpa(model, processor, rows, "vc", generate_kwargs={"max_new_tokens": 20})
     item = report["items"][0]
     assert item["closer_to_target"] == (item["similarity_to_target"] > item["similarity_to_source"])
     assert report["metrics"]["closer_to_target_rate"] == float(item["closer_to_target"])
+    pitch = item["pitch_hz"]
+    assert 60 <= pitch["source"] <= 400 and 60 <= pitch["target"] <= 400  # both clips are speech
+    assert item["pitch_closer_to_target"] == pitch_closer_to_target(pitch["output"], pitch["target"], pitch["source"])
+    assert report["metrics"]["pitch_pairs"] == int(item["pitch_closer_to_target"] is not None)
+    assert report["metrics"]["outputs_without_pitch"] == int(pitch["output"] is None)
+    write_report(report, tmp_path / "vc.json")  # the pitch results are plain JSON values
+    assert json.loads((tmp_path / "vc.json").read_text())["items"][0]["pitch_hz"] == pitch
+
+
+def test_median_pitch_finds_the_fundamental_and_nothing_in_noise():
+    time_s = np.arange(32000) / 16000
+    for hertz in (80, 110, 220, 330):
+        tone = sum(np.sin(2 * np.pi * hertz * k * time_s) / k for k in range(1, 6))  # five harmonics
+        assert median_pitch(tone) == pytest.approx(hertz, rel=0.02)
+    gliding = np.sin(2 * np.pi * np.cumsum(np.linspace(100, 200, 32000)) / 16000)
+    assert median_pitch(gliding) == pytest.approx(150, rel=0.05)
+    assert median_pitch(np.zeros(16000)) is None
+    assert median_pitch(np.random.default_rng(0).normal(size=16000)) is None
+    assert median_pitch(np.ones(100)) is None  # shorter than one frame
+    assert pitch_closer_to_target(105.0, 100.0, 200.0) is True
+    assert pitch_closer_to_target(190.0, 100.0, 200.0) is False
+    assert pitch_closer_to_target(150.0, 100.0, 105.0) is None  # the voices' pitches are within 10%
+    assert pitch_closer_to_target(None, 100.0, 200.0) is False  # no pitch: it did not take on the target's
+    assert pitch_closer_to_target(150.0, None, 200.0) is None
 
 
 def test_prepare_data_and_eval_commands(tmp_path, capsys):

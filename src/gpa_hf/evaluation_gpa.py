@@ -12,6 +12,7 @@ Each report gives the corpus rate (all edits / all reference units) and every it
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 from collections import Counter
@@ -133,6 +134,42 @@ def cosine_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1)
 
 
+def median_pitch(
+    waveform: np.ndarray, sampling_rate: int = 16000, min_hz: float = 60.0, max_hz: float = 400.0
+) -> float | None:
+    """Median fundamental frequency (Hz) over a clip's voiced frames; None when no frame is voiced.
+
+    Autocorrelation on 40 ms frames every 10 ms: a frame is voiced when it is within 30 dB of the clip's loudest
+    frame and its autocorrelation peak between the `min_hz` and `max_hz` periods reaches half its energy. No model
+    takes part, so it checks voice conversion independently of the speaker encoder whose embeddings it reports.
+    """
+    frame, hop = int(0.04 * sampling_rate), int(0.01 * sampling_rate)
+    samples = np.asarray(waveform, dtype=np.float64).reshape(-1)
+    if samples.size < frame:
+        return None
+    frames = np.lib.stride_tricks.sliding_window_view(samples, frame)[::hop]
+    frames = frames - frames.mean(-1, keepdims=True)
+    spectrum = np.fft.rfft(frames, 2 * frame)
+    autocorrelation = np.fft.irfft(spectrum * spectrum.conj(), 2 * frame)[:, :frame]
+    shortest, longest = int(sampling_rate / max_hz), int(sampling_rate / min_hz)
+    lags = shortest + autocorrelation[:, shortest:longest].argmax(-1)
+    peaks = autocorrelation[np.arange(len(frames)), lags]
+    energy = autocorrelation[:, 0]
+    voiced = (energy > 1e-3 * energy.max()) & (peaks > 0.5 * energy)
+    return float(np.median(sampling_rate / lags[voiced])) if voiced.any() else None
+
+
+def pitch_closer_to_target(output: float | None, target: float | None, source: float | None) -> bool | None:
+    """Whether the output's median pitch is nearer (in log frequency) the target's than the source's.
+
+    None when pitch cannot tell the two voices apart (either has no pitch, or they are within 10% of each other).
+    An output without a measurable pitch is not closer: it did not take on the target's.
+    """
+    if target is None or source is None or max(target, source) < 1.1 * min(target, source):
+        return None
+    return output is not None and abs(math.log(output / target)) < abs(math.log(output / source))
+
+
 # ---- evaluation runs ---------------------------------------------------------------------------------------
 def _generate(model, processor, task: str, generate_kwargs: dict, **processor_kwargs):
     inputs = processor(task=task, sampling_rate=16000, **processor_kwargs)
@@ -233,7 +270,9 @@ def evaluate_gpa(
       The synthesised audio is transcribed (by the model's own ASR, or the `asr_model` pipeline) and scored
       against the text; speaker similarity is the cosine between output and voice prompt embeddings.
     - `vc`: every row with a source `audio` and a target voice `ref_audio`; reports how often the output is closer
-      to the target voice than to the source (speaker-embedding cosine).
+      to the target voice than to the source (speaker-embedding cosine), and, as a check without any model, how
+      often its median pitch is closer to the target's (over the pairs whose pitches differ by 10% or more; an
+      output with no voiced frame counts as not closer, and `outputs_without_pitch` counts them).
     """
     generate_kwargs = dict(generate_kwargs or {})
     needed = {"asr": ("audio", "text"), "tts": ("text",), "vc": ("audio", "ref_audio")}
@@ -302,6 +341,11 @@ def evaluate_gpa(
             for k, (item, waveform) in enumerate(zip(batch, audio)):
                 target, source = to_target.get(k), to_source.get(k)
                 closer.append(target is not None and target > source)
+                pitch = {
+                    "output": median_pitch(waveform),
+                    "target": median_pitch(item["ref_audio_samples"]),
+                    "source": median_pitch(item["audio_samples"]),
+                }
                 results.append(
                     {
                         "audio": item.get("audio"),
@@ -309,6 +353,10 @@ def evaluate_gpa(
                         "similarity_to_target": target,
                         "similarity_to_source": source,
                         "closer_to_target": closer[-1],
+                        "pitch_hz": pitch,
+                        "pitch_closer_to_target": pitch_closer_to_target(
+                            pitch["output"], pitch["target"], pitch["source"]
+                        ),
                         "duration_s": waveform.size / 16000,
                     }
                 )
@@ -317,6 +365,10 @@ def evaluate_gpa(
         if measured:
             metrics["similarity_to_target"] = float(np.mean([r["similarity_to_target"] for r in measured]))
             metrics["similarity_to_source"] = float(np.mean([r["similarity_to_source"] for r in measured]))
+        by_pitch = [r["pitch_closer_to_target"] for r in results if r["pitch_closer_to_target"] is not None]
+        metrics["pitch_closer_to_target_rate"] = float(np.mean(by_pitch)) if by_pitch else None
+        metrics["pitch_pairs"] = len(by_pitch)
+        metrics["outputs_without_pitch"] = sum(r["pitch_hz"]["output"] is None for r in results)
         _write_audio(audio_dir, items, outputs)
     return {
         "task": task,
@@ -357,8 +409,12 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
         axis.axline((0, 0), slope=1, color="grey", linewidth=0.8)
         axis.set_xlabel("cosine to source speaker")
         axis.set_ylabel("cosine to target speaker")
-        rate = report["metrics"].get("closer_to_target_rate")
-        axis.set_title(f"voice conversion: closer to target in {rate:.0%} of pairs" if rate is not None else "vc")
+        metrics = report["metrics"]
+        rate, pitch_rate = metrics.get("closer_to_target_rate"), metrics.get("pitch_closer_to_target_rate")
+        title = f"voice conversion: closer to target in {rate:.0%} of pairs" if rate is not None else "vc"
+        if pitch_rate is not None:
+            title += f"\npitch closer to target's in {pitch_rate:.0%} of {metrics['pitch_pairs']}"
+        axis.set_title(title)
     else:
         rates = [i["cer"] for i in items]
         axis.hist(rates, bins=20, range=(0, max([1.0, *rates])))
@@ -379,6 +435,8 @@ __all__ = [
     "TransformersSpeakerEmbedder",
     "error_rate",
     "evaluate_gpa",
+    "median_pitch",
     "normalize_text",
+    "pitch_closer_to_target",
     "write_report",
 ]

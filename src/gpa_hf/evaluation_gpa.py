@@ -141,7 +141,7 @@ def median_pitch(
 
     Autocorrelation on 40 ms frames every 10 ms: a frame is voiced when it is within 30 dB of the clip's loudest
     frame and its autocorrelation peak between the `min_hz` and `max_hz` periods reaches half its energy. No model
-    takes part, so it checks voice conversion independently of the speaker encoder whose embeddings it reports.
+    takes part, so it checks voice conversion independently of the speaker encoder behind the similarities.
     """
     frame, hop = int(0.04 * sampling_rate), int(0.01 * sampling_rate)
     samples = np.asarray(waveform, dtype=np.float64).reshape(-1)

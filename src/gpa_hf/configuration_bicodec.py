@@ -24,6 +24,14 @@ XLSR_53_CONFIG = {
 }
 
 
+def semantic_receptive_field(hop_length: int) -> int:
+    """Samples behind the first semantic token: hop + hop / 4, as wav2vec2's conv stack (400 published).
+
+    A function of the hop alone, so that the feature extractor, which has no config, counts tokens the same way.
+    """
+    return hop_length + hop_length // 4
+
+
 class BiCodecConfig(PreTrainedConfig):
     r"""
     Configuration of [`BiCodecModel`]. Defaults are the published GPA / Spark-TTS BiCodec.
@@ -154,8 +162,8 @@ class BiCodecConfig(PreTrainedConfig):
 
     @property
     def semantic_receptive_field(self) -> int:
-        """Samples behind the first semantic token: hop + hop / 4, as wav2vec2's conv stack (400 published)."""
-        return self.hop_length + self.hop_length // 4
+        """Samples behind the first semantic token at this config's hop (`semantic_receptive_field`)."""
+        return semantic_receptive_field(self.hop_length)
 
     @property
     def reference_length(self) -> int:

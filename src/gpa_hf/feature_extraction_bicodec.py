@@ -8,6 +8,7 @@ import numpy as np
 from transformers import BatchFeature, SequenceFeatureExtractor
 
 from .audio_utils import AudioInput, load_audio
+from .configuration_bicodec import semantic_receptive_field
 
 
 def volume_normalize(audio: np.ndarray, coefficient: float = 0.2) -> np.ndarray:
@@ -68,7 +69,7 @@ class BiCodecFeatureExtractor(SequenceFeatureExtractor):
     @property
     def min_samples(self) -> int:
         """The shortest clip that yields one semantic token (400 samples published)."""
-        return self.hop_length + self.hop_length // 4
+        return semantic_receptive_field(self.hop_length)
 
     def prepare_waveform(self, audio: AudioInput, sampling_rate: int | None = None) -> np.ndarray:
         """Load + loudness-normalise one clip: the waveform the codec's front end actually sees."""

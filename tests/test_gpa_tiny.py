@@ -36,6 +36,13 @@ def test_default_model_is_embedded_and_small():
     assert sum(files.values()) <= 40 * 1024**2
 
 
+def test_model_folder_card_is_the_model_cards_copy():
+    """The card ships twice (the model folder's README.md, for save_pretrained / the Hub, and model_cards/): the
+    two must not drift apart."""
+    card = Path(gpa_hf.__file__).parent / "model_cards" / "gpa-tiny.md"
+    assert (Path(gpa_hf.DEFAULT_MODEL) / "README.md").read_text() == card.read_text()
+
+
 def test_tts_without_naming_a_model(tmp_path, capsys):
     output = tmp_path / "digits.wav"
     assert main(["tts", "--text", "three one four", "--output", str(output), "--seed", "0"]) == 0

@@ -196,3 +196,119 @@ def test_audio_tokenizers_run_in_bfloat16(bicodec, glm_tokenizer, clip_paths, ex
         audio = decoded.audio_values[index, : reference.numel()].float()
         snr = 10 * torch.log10(reference.pow(2).sum() / (audio - reference).pow(2).sum())
         assert snr >= 25, (clip, float(snr))  # 36 dB measured
+
+
+# ---- the optional harmonic synthesiser ----------------------------------------------------------------------
+def codec_with_harmonics(bicodec, harmonic_count: int = 4):
+    """The fixture codec plus a harmonic synthesiser (its new modules at their initial weights)."""
+    from gpa_hf import BiCodecModel
+
+    config = copy.deepcopy(bicodec[0].config)
+    config.harmonic_count = harmonic_count
+    torch.manual_seed(0)
+    codec = BiCodecModel(config).eval()
+    missing, unexpected = codec.load_state_dict(bicodec[0].state_dict(), strict=False)
+    assert not unexpected and missing
+    assert all(key.startswith(("pitch_predictor.", "harmonic_synthesizer.")) for key in missing)
+    return codec
+
+
+def play(codec, hertz: float, voiced: bool, amplitudes: list[float]):
+    """Set the heads to a constant pitch and constant harmonic amplitudes."""
+    from gpa_hf.modeling_bicodec import HARMONIC_GAIN, HARMONIC_OFFSET, PITCH_REFERENCE_HZ
+
+    with torch.no_grad():
+        pitch, harmonics = codec.pitch_predictor.proj, codec.harmonic_synthesizer.proj
+        pitch.weight.zero_()
+        pitch.bias.copy_(torch.tensor([np.log(hertz / PITCH_REFERENCE_HZ), 10.0 if voiced else -10.0]))
+        harmonics.weight.zero_()
+        wanted = torch.tensor(amplitudes) / HARMONIC_GAIN  # softplus^-1, and 0 -> a large negative logit
+        logits = torch.where(wanted > 0, wanted + torch.log(-torch.expm1(-wanted.clamp(min=1e-6))), -50.0)
+        harmonics.bias.copy_(logits - HARMONIC_OFFSET)
+
+
+def synthesised(codec, expected, frames: slice | None = None, initial_phase=None):
+    tokens = expected["000.semantic_tokens"][None]
+    voice = expected["000.global_tokens"]
+    mask = torch.ones(1, 1, tokens.shape[1])
+    with torch.no_grad():
+        hidden = codec.decoder_inputs(tokens, voice, mask)
+        pitch = codec.pitch_of_decoder_inputs(hidden, mask)
+        if frames is not None:
+            hidden, mask = hidden[..., frames], mask[..., frames]
+            pitch = type(pitch)(frequencies=pitch.frequencies[:, frames], voiced=pitch.voiced[:, frames])
+        return codec.harmonic_synthesizer(hidden, mask, pitch.frequencies, pitch.voiced, initial_phase)[0]
+
+
+def test_harmonic_synthesizer_plays_the_predicted_pitch(bicodec, expected):
+    from gpa_hf.audio_utils import pitch_track
+
+    codec = codec_with_harmonics(bicodec)
+    play(codec, 200.0, True, [0.2, 0.1, 0.0, 0.0])
+    tokens, voice = expected["000.semantic_tokens"][None], expected["000.global_tokens"]
+    pitch = codec.pitch(tokens, voice)
+    assert pitch.voiced.all() and torch.allclose(pitch.frequencies, torch.tensor(200.0))
+    signal = synthesised(codec, expected).numpy()
+    assert signal.shape == (tokens.shape[1] * 320,)
+    assert np.median(pitch_track(signal)) == pytest.approx(200, rel=0.01)
+    angle = np.linspace(0, 2 * np.pi, 10000)
+    assert signal.max() == pytest.approx((0.2 * np.sin(angle) + 0.1 * np.sin(2 * angle)).max(), rel=0.01)
+    play(codec, 200.0, False, [0.2, 0.1, 0.0, 0.0])
+    assert not synthesised(codec, expected).any()  # unvoiced: silent
+    play(codec, 3000.0, True, [0.0, 0.0, 0.2, 0.0])
+    assert synthesised(codec, expected).abs().max() < 1e-6  # the third harmonic, 9 kHz, is above Nyquist
+    play(codec, 2000.0, True, [0.0, 0.0, 0.2, 0.0])
+    assert synthesised(codec, expected).abs().max() > 0.19  # 6 kHz sounds
+
+
+def test_harmonic_phase_carries_across_windows(bicodec, expected):
+    """A window decoded from token 20 with the phase `harmonic_frame_phases` gives there continues the signal of
+    one decode of all tokens: what streaming relies on."""
+    from gpa_hf.modeling_bicodec import harmonic_frame_phases
+
+    codec = codec_with_harmonics(bicodec)
+    play(codec, 173.0, True, [0.2, 0.1, 0.05, 0.02])
+    whole = synthesised(codec, expected)
+    frequencies = codec.pitch(expected["000.semantic_tokens"][None], expected["000.global_tokens"]).frequencies
+    phase = harmonic_frame_phases(frequencies, 320, 16000)[:, 20]
+    tail = synthesised(codec, expected, slice(20, None), initial_phase=phase)
+    torch.testing.assert_close(tail, whole[20 * 320 :], atol=1e-4, rtol=0)
+    restarted = synthesised(codec, expected, slice(20, None))  # without the phase: another waveform
+    assert (restarted - whole[20 * 320 :]).abs().max() > 0.1
+
+
+def test_codec_with_harmonics_batches_and_round_trips(bicodec, expected, tmp_path):
+    from gpa_hf import BiCodecModel
+
+    codec = codec_with_harmonics(bicodec)
+    with torch.no_grad():  # a voiced, audible synthesiser whatever the tokens
+        codec.pitch_predictor.proj.bias.copy_(torch.tensor([0.2, 5.0]))
+        codec.harmonic_synthesizer.proj.bias.fill_(3.0)
+    tokens = [expected[f"{c}.semantic_tokens"] for c in CLIPS]
+    lengths = torch.tensor([t.shape[0] for t in tokens])
+    voices = torch.cat([expected[f"{c}.global_tokens"] for c in CLIPS])
+    with torch.no_grad():
+        batch = codec.decode(torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True), voices, lengths)
+        plain = bicodec[0].decode(tokens[0][None], voices[:1]).audio_values[0]
+        alones = [codec.decode(t[None], voices[i : i + 1]).audio_values[0] for i, t in enumerate(tokens)]
+        for index, alone in enumerate(alones):
+            length = int(batch.audio_lengths[index])
+            # float noise in the predicted pitch (1e-7) accumulates in the harmonics' phase over a clip
+            torch.testing.assert_close(batch.audio_values[index, :length], alone, atol=ATOL, rtol=0)
+            assert not batch.audio_values[index, length:].any()
+        assert (batch.audio_values[0, : plain.numel()] - plain).abs().max() > 0.01  # the harmonics sound
+    codec.save_pretrained(tmp_path)
+    loaded = BiCodecModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.harmonic_count == 4
+    with torch.no_grad():
+        again = loaded.decode(tokens[1][None], voices[1:2]).audio_values[0]
+    torch.testing.assert_close(again, alones[1], atol=ATOL, rtol=0)
+
+
+def test_harmonic_settings_are_checked(bicodec, expected):
+    from gpa_hf import BiCodecConfig
+
+    with pytest.raises(ValueError, match="harmonic_count must be >= 0"):
+        BiCodecConfig(harmonic_count=-1)
+    with pytest.raises(ValueError, match="no harmonic synthesiser"):
+        bicodec[0].pitch(expected["000.semantic_tokens"][None], expected["000.global_tokens"])

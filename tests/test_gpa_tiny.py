@@ -93,3 +93,23 @@ def test_text_to_speech_pipeline_on_the_default_model():
     result = tts("seven two", generate_kwargs={"do_sample": False})
     assert result["sampling_rate"] == 16000
     assert_speech(np.asarray(result["audio"]).reshape(-1), 0.3, 3.0)
+
+
+def test_streaming_continues_the_harmonic_phase(heldout):
+    """gpa-tiny's codec plays harmonics at a predicted pitch: a stream must carry their phase from window to window
+    (chunks shorter than the left context make windows start inside earlier chunks) to equal the offline audio."""
+    import torch
+
+    model = gpa_hf.GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval()
+    processor = gpa_hf.GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+    assert model.config.bicodec_config.harmonic_count > 0
+    inputs = processor(task="vc", audio=heldout[0]["audio"], voice=heldout[1]["audio"])
+    settings = {"do_sample": False, "max_new_tokens": 200}
+    offline = model.generate(**inputs, **settings, output_audio=True).audio[0]
+    chunks = list(model.generate_stream(**inputs, **settings, first_chunk_tokens=3, chunk_tokens=5))
+    hop = model.config.bicodec_config.hop_length
+    assert offline.numel() >= 30 * hop  # chunks from token 28 on are decoded from windows past the stream's start
+    joined = torch.cat(chunks)
+    assert joined.numel() == offline.numel()
+    snr = 10 * torch.log10(offline.pow(2).sum() / (offline - joined).pow(2).sum())
+    assert snr > 30, float(snr)

@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 from conftest import AUDIO, ORIGINAL_CHECKPOINT, SHARED_DATA
 
+from gpa_hf.audio_utils import pitch_track
 from gpa_hf.cli import main
 from gpa_hf.data_gpa import (
     GpaDataCollator,
@@ -270,6 +271,17 @@ def test_vc_evaluation_compares_target_and_source_similarity(gpa, tmp_path):
     assert report["metrics"]["outputs_without_pitch"] == int(pitch["output"] is None)
     write_report(report, tmp_path / "vc.json")  # the pitch results are plain JSON values
     assert json.loads((tmp_path / "vc.json").read_text())["items"][0]["pitch_hz"] == pitch
+
+
+def test_pitch_track_follows_the_pitch_frame_by_frame():
+    time_s = np.arange(16000) / 16000
+    voiced = np.where(time_s < 0.5, np.sin(2 * np.pi * 123.0 * time_s) + 0.3 * np.sin(4 * np.pi * 123.0 * time_s), 0)
+    track = pitch_track(voiced, 16000, hop_length=160, window_length=640)
+    assert track.shape == (100,)  # one frame per started hop
+    assert np.allclose(track[3:47], 123.0, rtol=0.01)
+    assert not track[53:].any()  # silence after 0.5 s (frames whose window reaches the tone are voiced)
+    assert pitch_track(np.zeros(16001), hop_length=160).shape == (101,)
+    assert pitch_track(np.zeros(0)).shape == (0,)
 
 
 def test_median_pitch_finds_the_fundamental_and_nothing_in_noise():

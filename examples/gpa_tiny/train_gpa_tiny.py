@@ -2,7 +2,7 @@
 
     python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
 
-Stages (each prints its progress; the whole recipe takes about 85 minutes on 2 cores):
+Stages (each prints its progress; the whole recipe takes about 100 minutes on 2 cores):
 1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
@@ -16,7 +16,11 @@ Stages (each prints its progress; the whole recipe takes about 85 minutes on 2 c
 3. the LM: a small Qwen3 trained with the stock Trainer on the prepared TTS / ASR / VC sequences, in five cycles
    of 3 epochs (each with its own warm-up and cosine decay; the model is saved after each, and `--first-cycle N`
    resumes from it);
-4. evaluation on the held-out sets with `gpa-hf eval`'s code; the checkpoint and a report go to `--output-dir`.
+4. the codec's harmonic synthesizer: a pitch head and a sine synthesizer added to the wave generator, trained with
+   the prenet and wave generator on pitch tracks of the corpus while the tokenizing paths stay frozen (every token,
+   and so the LM, stays valid). A wave generator this small, trained this briefly, makes noisy audio with little
+   periodicity, which loses much of a voice; the synthesizer makes voiced frames periodic at the predicted pitch;
+5. evaluation on the held-out sets with `gpa-hf eval`'s code; the checkpoint and a report go to `--output-dir`.
 `--audio-tokenizers-from FOLDER` reuses the audio tokenizers of a trained gpa-tiny (stage 2 skipped), to try LM
 settings in a third of the time.
 The text tokenizer is the 400-token byte-level BPE of the test fixture, with GPA's control and audio tokens.
@@ -25,6 +29,7 @@ The text tokenizer is the 400-token byte-level BPE of the test fixture, with GPA
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -56,7 +61,7 @@ from gpa_hf import (
     GpaProcessor,
     GpaVocabularyLayout,
 )
-from gpa_hf.audio_utils import load_audio
+from gpa_hf.audio_utils import load_audio, pitch_track
 from gpa_hf.convert_gpa_original_to_hf import voice_from_audio
 from gpa_hf.data_gpa import load_jsonl_dataset, prepare_dataset
 from gpa_hf.evaluation_gpa import evaluate_gpa, write_report
@@ -74,6 +79,9 @@ SEMANTIC_FRONT_ENDS = {
 }
 EARLY_RESTARTS = (10,)  # the step at which unused codewords are first moved onto the data
 SPEAKER_LOSS_WEIGHT = 0.5
+HARMONIC_COUNT = 48  # harmonics of the codec's sine synthesiser: up to 3.8 kHz at 80 Hz, Nyquist at 167 Hz
+PITCH_WINDOW_SAMPLES = 1024  # pitch targets: 64 ms windows, 4 periods at 60 Hz
+TRAINED_LAYERS = (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)
 CONSISTENCY_LOSS_WEIGHT = 0.5
 
 
@@ -220,6 +228,28 @@ def resynthesis_consistency(bicodec: BiCodecModel, decoded: torch.Tensor, target
     return (distance * weights).sum() / weights.sum().clamp(min=1)
 
 
+def window_starts(lengths: torch.Tensor, hop_length: int, rng: random.Random) -> list[int]:
+    """A random window of `DECODER_WINDOW_SAMPLES` per clip (vocoders train on segments): its first frame."""
+    frames = DECODER_WINDOW_SAMPLES // hop_length
+    return [rng.randint(0, max(0, length - frames)) for length in lengths.tolist()]
+
+
+def take_windows(values: torch.Tensor, starts: list[int], hop_length: int) -> torch.Tensor:
+    """Per row of `values` `(batch, ..., frames)`, the decoder window's frames from its start."""
+    frames = DECODER_WINDOW_SAMPLES // hop_length
+    return torch.stack([values[row, ..., start : start + frames] for row, start in enumerate(starts)])
+
+
+def target_windows(targets: list, starts: list[int], lengths: torch.Tensor, hop_length: int) -> torch.Tensor:
+    """The clips' audio under the decoder windows `(batch, window samples)`, zero past each clip's end."""
+    frames = DECODER_WINDOW_SAMPLES // hop_length
+    target = torch.zeros(len(starts), frames * hop_length)
+    for row, (waveform, start, length) in enumerate(zip(targets, starts, lengths.tolist())):
+        segment = waveform[start * hop_length : min(length, start + frames) * hop_length]
+        target[row, : segment.shape[0]] = torch.from_numpy(segment)
+    return target
+
+
 def restart_dead_codes(codebook: torch.nn.Parameter, usage: torch.Tensor, latents: torch.Tensor) -> int:
     """Move codewords unused since the last restart onto random current latents (keeps all codes alive)."""
     dead = (usage == 0).nonzero().squeeze(-1)
@@ -231,19 +261,24 @@ def restart_dead_codes(codebook: torch.nn.Parameter, usage: torch.Tensor, latent
     return dead.numel()
 
 
-def prepare_for_training(bicodec: BiCodecModel) -> None:
+def prepare_for_training(bicodec: torch.nn.Module) -> None:
     """PyTorch's default initialisation for the codec's layers, and weight norm on the wave generator's convs.
 
     The checkpoint-oriented initialisation (std 0.02) makes a deep conv stack's output vanish; training from
     scratch needs fan-in scaled weights, and weight norm keeps the wave generator stable, as in DAC.
     """
+    for module in bicodec.modules():
+        if isinstance(module, TRAINED_LAYERS):
+            module.reset_parameters()
+    add_weight_norm(bicodec)
+
+
+def add_weight_norm(bicodec: torch.nn.Module) -> None:
+    """Weight norm on the wave generator's layers, for training (`fold_weight_norm` takes it off)."""
     for name, module in bicodec.named_modules():
-        if not isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
+        if not name.startswith("decoder") or not isinstance(module, TRAINED_LAYERS):
             continue
-        if parametrize.is_parametrized(module):
-            continue
-        module.reset_parameters()
-        if name.startswith("decoder"):
+        if not parametrize.is_parametrized(module):
             weight_norm(module)
 
 
@@ -330,18 +365,12 @@ def train_audio_tokenizers(
         d_vector = bicodec.speaker_encoder.project(speaker_quantized.transpose(1, 2).reshape(len(batch), -1))
         speaker_loss = F.cross_entropy(speaker_head(d_vector), torch.tensor([speaker_of[i] for i in batch]))
 
-        # decoder, on a random window of `frames` semantic frames per clip (as vocoders are trained: segments)
         conditioned = bicodec.prenet(decoder_latents, d_vector, mask) + d_vector[..., None]
         hop = bicodec.config.hop_length
-        frames = DECODER_WINDOW_SAMPLES // hop
-        starts = [rng.randint(0, max(0, length - frames)) for length in lengths.tolist()]
-        window = torch.stack([conditioned[row, :, start : start + frames] for row, start in enumerate(starts)])
-        window_mask = torch.stack([mask[row, :, start : start + frames] for row, start in enumerate(starts)])
+        starts = window_starts(lengths, hop, rng)
+        window, window_mask = take_windows(conditioned, starts, hop), take_windows(mask, starts, hop)
         decoded = bicodec.decoder(window, window_mask)
-        target = torch.zeros_like(decoded)
-        for row, (waveform, start, length) in enumerate(zip(targets, starts, lengths.tolist())):
-            segment = waveform[start * hop : min(length, start + frames) * hop]
-            target[row, : segment.shape[0]] = torch.from_numpy(segment)
+        target = target_windows(targets, starts, lengths, hop)
         reconstruction = mel_loss(decoded, target)
         consistency = resynthesis_consistency(bicodec, decoded, target, window_mask)
 
@@ -386,6 +415,139 @@ def train_audio_tokenizers(
             )
     fold_weight_norm(bicodec)
     return bicodec.eval(), glm.eval(), bicodec_features, glm_features
+
+
+def pitch_loss(
+    log_frequencies: torch.Tensor, voicing_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Voicing cross-entropy on every frame, plus L1 of log pitch on the voiced frames (`target` 0 = unvoiced)."""
+    voiced = target > 0
+    voicing = F.binary_cross_entropy_with_logits(voicing_logits, voiced.float(), weight=mask)
+    distance = (log_frequencies - target.clamp(min=1).log()).abs() * voiced
+    return voicing + distance.sum() / voiced.sum().clamp(min=1)
+
+
+def train_harmonic_synthesizer(
+    bicodec: BiCodecModel,
+    rows: list[dict],
+    folder: Path,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    harmonic_count: int = HARMONIC_COUNT,
+    learning_rate: float = 2e-4,
+) -> BiCodecModel:
+    """A copy of `bicodec` with a harmonic synthesiser, its pitch head and synthesiser trained with the prenet and
+    wave generator; the tokenizing paths are frozen, so every semantic and global token (and the LM) stays valid.
+
+    Pitch targets come from `pitch_track` on the clips (clean synthetic speech); during training the synthesiser
+    plays the tracked pitch, so that the wave generator learns to shape real harmonics.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = copy.deepcopy(bicodec.config)
+    config.harmonic_count = harmonic_count
+    synthesizing = BiCodecModel(config).eval()
+    missing, unexpected = synthesizing.load_state_dict(bicodec.state_dict(), strict=False)
+    new_modules = (synthesizing.pitch_predictor, synthesizing.harmonic_synthesizer)
+    new_keys = {
+        f"{name}.{key}"
+        for name in ("pitch_predictor", "harmonic_synthesizer")
+        for key in getattr(synthesizing, name).state_dict()
+    }
+    if unexpected or set(missing) != new_keys:
+        raise RuntimeError(f"unexpected weights {unexpected}, missing {sorted(set(missing) - new_keys)}")
+    for module in new_modules:
+        prepare_for_training(module)
+    synthesizing.requires_grad_(False)
+    add_weight_norm(synthesizing)
+    tuned = [synthesizing.prenet, synthesizing.decoder]
+    for module in [*tuned, *new_modules]:
+        module.requires_grad_(True).train()
+    tuned_parameters = [p for module in tuned for p in module.parameters()]
+    new_parameters = [p for module in new_modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": tuned_parameters, "lr": learning_rate}, {"params": new_parameters, "lr": 5 * learning_rate}],
+        betas=(0.8, 0.99),
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[learning_rate, 5 * learning_rate], total_steps=steps, pct_start=0.05
+    )
+    features = BiCodecFeatureExtractor(hop_length=config.hop_length, reference_length=config.reference_length)
+    hop = config.hop_length
+    waveforms = [load_audio(folder / row["audio"]) for row in rows]
+    pitch_tracks = [
+        pitch_track(features.prepare_waveform(waveform, 16000), config.sampling_rate, hop, PITCH_WINDOW_SAMPLES)
+        for waveform in waveforms
+    ]
+    clips_of: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        clips_of.setdefault(row["speaker"], []).append(index)
+    mel_loss = MultiResolutionMelLoss()
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = rng.sample(range(len(rows)), batch_size)
+        clips = [waveforms[i] for i in batch]
+        inputs = features(clips, sampling_rate=16000)
+        targets = [features.prepare_waveform(clip, 16000) for clip in clips]
+        references = [rng.choice([j for j in clips_of[rows[i]["speaker"]] if j != i] or [i]) for i in batch]
+        reference_values = features.speaker_inputs([waveforms[j] for j in references], sampling_rate=16000)
+        with torch.no_grad():
+            encoded = synthesizing.encode(
+                inputs["input_values"], inputs["attention_mask"], reference_values["reference_values"]
+            )
+        lengths = encoded.semantic_lengths
+        mask = (torch.arange(encoded.semantic_codes.shape[1])[None] < lengths[:, None]).float()[:, None]
+        conditioned = synthesizing.decoder_inputs(encoded.semantic_codes, encoded.global_codes, mask)
+        log_frequencies, voicing_logits = synthesizing.pitch_predictor(conditioned, mask)
+        tracked = torch.zeros_like(log_frequencies)
+        for row, index in enumerate(batch):
+            frames = min(tracked.shape[1], len(pitch_tracks[index]))
+            tracked[row, :frames] = torch.from_numpy(pitch_tracks[index][:frames])
+        tracked = tracked * mask[:, 0]
+        pitch = pitch_loss(log_frequencies, voicing_logits, tracked, mask[:, 0])
+        # the tracked pitch where voiced; elsewhere the predicted one carries the phase on (as in decoding)
+        frequencies = torch.where(tracked > 0, tracked, log_frequencies.detach().exp())
+
+        starts = window_starts(lengths, hop, rng)
+        window, window_mask = take_windows(conditioned, starts, hop), take_windows(mask, starts, hop)
+        harmonics = synthesizing.harmonic_synthesizer(
+            window, window_mask, take_windows(frequencies, starts, hop), take_windows(tracked > 0, starts, hop)
+        )
+        decoded = synthesizing.decoder(window, window_mask, harmonics)
+        target = target_windows(targets, starts, lengths, hop)
+        reconstruction = mel_loss(decoded, target)
+        # The harmonics alone must match the voiced frames (as in DDSP): else the loss on the sum silences them, the
+        # trained wave generator's noise already filling that energy.
+        voiced_samples = take_windows(tracked > 0, starts, hop).repeat_interleave(hop, dim=-1)
+        harmonic_reconstruction = mel_loss(harmonics, target * voiced_samples)
+        consistency = resynthesis_consistency(synthesizing, decoded, target, window_mask)
+        loss = reconstruction + harmonic_reconstruction + CONSISTENCY_LOSS_WEIGHT * consistency + pitch
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tuned_parameters + new_parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0 or step == 1:
+            print(
+                f"[harmonic synthesizer] step {step}/{steps}  mel {reconstruction.item():.3f}  harmonics alone "
+                f"{harmonic_reconstruction.item():.3f}  resynthesis "
+                f"{consistency.item():.3f}  pitch {pitch.item():.3f}  {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+    fold_weight_norm(synthesizing)
+    return synthesizing.requires_grad_(False).eval()
+
+
+def with_codec(model: GpaForConditionalGeneration, bicodec: BiCodecModel) -> GpaForConditionalGeneration:
+    """`model` with `bicodec` in place of its codec (a codec whose config differs: new modules)."""
+    config = copy.deepcopy(model.config)
+    config.bicodec_config = copy.deepcopy(bicodec.config)
+    replaced = GpaForConditionalGeneration(config)
+    state = model.state_dict() | {f"bicodec.{key}": value for key, value in bicodec.state_dict().items()}
+    replaced.load_state_dict(state)
+    replaced.generation_config = model.generation_config
+    return replaced.eval()
 
 
 def with_tts_rows_for_vc_targets(train: Path) -> Path:
@@ -453,6 +615,12 @@ def main() -> int:
         help="BiCodec semantic tokens per second (the published codec: 50); 25 halves the sequences the LM aligns "
         "(held-out TTS CER after 2 LM cycles: 30%% at 25 Hz, 40%% at 50 Hz)",
     )
+    parser.add_argument(
+        "--harmonic-steps",
+        type=int,
+        default=2000,
+        help="steps of stage 4, which adds the codec's harmonic synthesizer (0: none, the wave generator alone)",
+    )
     parser.add_argument("--lm-hidden-size", type=int, default=192)
     parser.add_argument("--lm-layers", type=int, default=4)
     parser.add_argument("--lm-epochs", type=float, default=3, help="epochs of each LM training cycle")
@@ -493,7 +661,7 @@ def main() -> int:
     started = time.perf_counter()
     work, output = Path(args.work_dir), Path(args.output_dir)
 
-    print("== 1/4 corpus (espeak-ng)", flush=True)
+    print("== 1/5 corpus (espeak-ng)", flush=True)
     files = build_corpus(work / "corpus", args.utterances, args.heldout, args.seed, reuse=True)
     corpus = work / "corpus"
     asr_rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
@@ -504,13 +672,13 @@ def main() -> int:
         processor = GpaProcessor.from_pretrained(output)
     else:
         if args.audio_tokenizers_from:
-            print(f"== 2/4 audio tokenizers: reused from {args.audio_tokenizers_from}", flush=True)
+            print(f"== 2/5 audio tokenizers: reused from {args.audio_tokenizers_from}", flush=True)
             trained = GpaForConditionalGeneration.from_pretrained(args.audio_tokenizers_from).eval()
             extractor = GpaProcessor.from_pretrained(args.audio_tokenizers_from).feature_extractor
             bicodec, glm = trained.bicodec, trained.speech_tokenizer
             bicodec_features, glm_features = extractor.bicodec, extractor.glm
         else:
-            print("== 2/4 audio tokenizers", flush=True)
+            print("== 2/5 audio tokenizers", flush=True)
             bicodec, glm, bicodec_features, glm_features = train_audio_tokenizers(
                 asr_rows,
                 corpus,
@@ -521,7 +689,7 @@ def main() -> int:
                 args.semantic_token_rate,
             )
 
-        print("== 3/4 LM on TTS, ASR and VC", flush=True)
+        print("== 3/5 LM on TTS, ASR and VC", flush=True)
         torch.manual_seed(args.seed)
         model, processor = assemble_gpa(
             bicodec, glm, bicodec_features, glm_features, args.lm_hidden_size, args.lm_layers
@@ -561,7 +729,19 @@ def main() -> int:
         processor.save_pretrained(output)
         print(f"saved {output} after cycle {cycle}", flush=True)
 
-    print("== 4/4 evaluation on held-out text and voices", flush=True)
+    if args.harmonic_steps and model.bicodec.harmonic_synthesizer is None:
+        # After the LM (which reads tokens only, so it is the same either way): the codec the LM was trained with
+        # stays as the earlier stages left it, and a resumed run (`--first-cycle`) takes this stage too.
+        print("== 4/5 harmonic synthesizer of the codec (tokens unchanged)", flush=True)
+        bicodec = train_harmonic_synthesizer(
+            model.bicodec, asr_rows, corpus, args.harmonic_steps, args.codec_batch_size, args.seed
+        )
+        model = with_codec(model, bicodec)
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        print(f"saved {output} with the harmonic synthesizer", flush=True)
+
+    print("== 5/5 evaluation on held-out text and voices", flush=True)
     results = {}
     for task in ("asr", "tts", "vc"):
         rows = list(load_jsonl_dataset(files[f"heldout_{task}"]))

@@ -24,7 +24,7 @@ from .default_model import DEFAULT_MODEL
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
 from .feature_extraction_gpa import GpaFeatureExtractor
-from .modeling_bicodec import BiCodecDecoderOutput, BiCodecEncoderOutput, BiCodecModel
+from .modeling_bicodec import BiCodecDecoderOutput, BiCodecEncoderOutput, BiCodecModel, BiCodecPitchOutput
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel, GlmSpeechTokenizerOutput
 from .modeling_gpa import GpaForConditionalGeneration, GpaGenerateOutput
 from .processing_gpa import GpaProcessor, GpaVoice
@@ -50,6 +50,7 @@ __all__ = [
     "BiCodecEncoderOutput",
     "BiCodecFeatureExtractor",
     "BiCodecModel",
+    "BiCodecPitchOutput",
     "GlmSpeechTokenizerConfig",
     "GlmSpeechTokenizerFeatureExtractor",
     "GlmSpeechTokenizerModel",

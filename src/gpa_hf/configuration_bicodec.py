@@ -65,6 +65,9 @@ class BiCodecConfig(PreTrainedConfig):
         decoder_channels / upsampling_rates / decoder_kernel_sizes: the DAC-style wave generator.
         include_semantic_encoder: build wav2vec2 and the feature encoder. Set to `False` for decode + speaker
             encoding only (text-to-speech), which then loads neither.
+        harmonic_count: harmonics of a sine synthesiser added to the wave generator's output, at the pitch a head
+            predicts from the decoder input (0: none, as published). A small wave generator trained briefly makes
+            noisy, barely periodic audio; the synthesiser makes voiced frames periodic from the start.
     """
 
     model_type = "bicodec"
@@ -111,6 +114,7 @@ class BiCodecConfig(PreTrainedConfig):
     upsampling_rates: list[int] | tuple[int, ...] = (8, 5, 4, 2)
     decoder_kernel_sizes: list[int] | tuple[int, ...] = (16, 11, 8, 4)
     include_semantic_encoder: bool = True
+    harmonic_count: int = 0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -143,6 +147,8 @@ class BiCodecConfig(PreTrainedConfig):
             raise ValueError(
                 f"decoder_channels={self.decoder_channels} must be divisible by 2**{len(self.upsampling_rates)}"
             )
+        if self.harmonic_count < 0:
+            raise ValueError(f"harmonic_count must be >= 0 (0: no harmonic synthesiser), got {self.harmonic_count}")
         if self.ecapa_channels % 8:
             raise ValueError(f"ecapa_channels={self.ecapa_channels} must be divisible by the Res2Net scale 8")
         semantic = self.semantic_model_config

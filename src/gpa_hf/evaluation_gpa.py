@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio_utils import write_wav
+from .audio_utils import pitch_track, write_wav
 from .data_gpa import PreparationReport, read_row_audio
 
 SpeakerEmbedder = Callable[[Sequence[np.ndarray]], torch.Tensor]
@@ -139,24 +139,16 @@ def median_pitch(
 ) -> float | None:
     """Median fundamental frequency (Hz) over a clip's voiced frames; None when no frame is voiced.
 
-    Autocorrelation on 40 ms frames every 10 ms: a frame is voiced when it is within 30 dB of the clip's loudest
-    frame and its autocorrelation peak between the `min_hz` and `max_hz` periods reaches half its energy. No model
-    takes part, so it checks voice conversion independently of the speaker encoder behind the similarities.
+    `pitch_track` on 40 ms frames every 10 ms. No model takes part, so it checks voice conversion independently of
+    the speaker encoder behind the similarities.
     """
     frame, hop = int(0.04 * sampling_rate), int(0.01 * sampling_rate)
     samples = np.asarray(waveform, dtype=np.float64).reshape(-1)
     if samples.size < frame:
         return None
-    frames = np.lib.stride_tricks.sliding_window_view(samples, frame)[::hop]
-    frames = frames - frames.mean(-1, keepdims=True)
-    spectrum = np.fft.rfft(frames, 2 * frame)
-    autocorrelation = np.fft.irfft(spectrum * spectrum.conj(), 2 * frame)[:, :frame]
-    shortest, longest = int(sampling_rate / max_hz), int(sampling_rate / min_hz)
-    lags = shortest + autocorrelation[:, shortest:longest].argmax(-1)
-    peaks = autocorrelation[np.arange(len(frames)), lags]
-    energy = autocorrelation[:, 0]
-    voiced = (energy > 1e-3 * energy.max()) & (peaks > 0.5 * energy)
-    return float(np.median(sampling_rate / lags[voiced])) if voiced.any() else None
+    track = pitch_track(samples, sampling_rate, hop, frame, min_hz, max_hz)
+    voiced = track[track > 0]
+    return float(np.median(voiced)) if voiced.size else None
 
 
 def pitch_closer_to_target(output: float | None, target: float | None, source: float | None) -> bool | None:

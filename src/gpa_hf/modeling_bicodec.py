@@ -7,6 +7,7 @@ of clips gives each clip exactly what it gets alone.
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,13 @@ from .configuration_bicodec import BiCodecConfig
 
 # The reference's Encoder/Decoder stages use a "sampling block" with ratio 1, which returns x + x + x.
 STAGE_GAIN = 3.0
+# The pitch head's zero output: mid speech range, so that a head starts near every voice.
+PITCH_REFERENCE_HZ = 150.0
+# Harmonic amplitudes are HARMONIC_GAIN * softplus(head output + HARMONIC_OFFSET). An untrained head plays 0.007 per
+# harmonic (about the level of normalised speech over 48 harmonics): a quieter start hides the harmonics under the
+# wave generator's noise, where a spectral loss gives them almost no gradient, and they never grow.
+HARMONIC_GAIN = 0.01
+HARMONIC_OFFSET = 0.0
 
 
 @dataclass
@@ -59,6 +67,20 @@ class BiCodecDecoderOutput(ModelOutput):
 
     audio_values: torch.FloatTensor | None = None
     audio_lengths: torch.LongTensor | None = None
+
+
+@dataclass
+class BiCodecPitchOutput(ModelOutput):
+    """
+    Args:
+        frequencies (`torch.FloatTensor` of shape `(batch_size, frames)`): the fundamental frequency (Hz) the
+            harmonic synthesiser plays during each semantic token; predicted for unvoiced tokens too, where it only
+            carries the phase on.
+        voiced (`torch.BoolTensor` of shape `(batch_size, frames)`): tokens whose harmonics sound.
+    """
+
+    frequencies: torch.FloatTensor | None = None
+    voiced: torch.BoolTensor | None = None
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -479,12 +501,86 @@ class BiCodecWaveGenerator(nn.Module):
         self.snake_out = Snake1d(output_dim)
         self.conv_out = nn.Conv1d(output_dim, 1, kernel_size=7, padding=3)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor, harmonics: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`harmonics` `(batch, frames * hop)`: the harmonic synthesiser's signal, added before the output's tanh."""
         hidden_states = self.conv_in(hidden_states * mask)
         for block in self.blocks:
             hidden_states, mask = block(hidden_states, mask)
         hidden_states = self.conv_out(self.snake_out(hidden_states * mask))
+        if harmonics is not None:
+            hidden_states = hidden_states + harmonics.unsqueeze(1).to(hidden_states.dtype)
         return (torch.tanh(hidden_states) * mask).squeeze(1)
+
+
+class BiCodecPitchPredictor(nn.Module):
+    """Decoder input -> log fundamental frequency and a voicing logit per semantic token."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=5, padding=2)
+        self.proj = nn.Conv1d(config.hidden_size, 2, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (log Hz, voicing logits), each `(batch, frames)`."""
+        output = self.proj(F.gelu(self.conv(hidden_states * mask)))
+        return math.log(PITCH_REFERENCE_HZ) + output[:, 0], output[:, 1]
+
+
+def harmonic_frame_phases(
+    frequencies: torch.Tensor, hop_length: int, sampling_rate: int, initial_phase: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Phase (radians, in [0, 2 pi)) of the fundamental at each token's first sample and after the last token.
+
+    `frequencies` `(batch, frames)` is constant within a token. Each token's advance is reduced modulo 2 pi before
+    the sum, so float32 keeps a long clip's phase to about 1e-3 rad. A stream continues a clip's phase where an
+    earlier window left it by passing that phase `(batch,)` as `initial_phase`. Returns `(batch, frames + 1)`.
+    """
+    steps = torch.remainder(2 * math.pi * frequencies * hop_length / sampling_rate, 2 * math.pi)
+    phases = torch.cat([torch.zeros_like(steps[:, :1]), torch.cumsum(steps, dim=-1)], dim=-1)
+    if initial_phase is not None:
+        phases = phases + initial_phase.to(phases.dtype).unsqueeze(-1)
+    return torch.remainder(phases, 2 * math.pi)
+
+
+class BiCodecHarmonicSynthesizer(nn.Module):
+    """Harmonic amplitudes per token from the decoder input, played as sines at the predicted pitch."""
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.hop_length, self.sampling_rate = config.hop_length, config.sampling_rate
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=3, padding=1)
+        self.proj = nn.Conv1d(config.hidden_size, config.harmonic_count, kernel_size=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor,
+        frequencies: torch.Tensor,
+        voiced: torch.Tensor,
+        initial_phase: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(batch, frames * hop)`: the sum of the harmonics below Nyquist, silent where a token is unvoiced.
+
+        Amplitudes are interpolated linearly between token centres; the frequency is constant within a token.
+        """
+        output = self.proj(F.gelu(self.conv(hidden_states * mask)))
+        amplitudes = HARMONIC_GAIN * F.softplus(output.float() + HARMONIC_OFFSET)
+        frequencies = frequencies.float()
+        frames, hop = frequencies.shape[-1], self.hop_length
+        # Padding frames repeat an item's last amplitudes, so that its end interpolates as it does alone.
+        last = mask[:, 0].sum(-1).long().clamp(min=1) - 1
+        index = torch.minimum(torch.arange(frames, device=last.device).unsqueeze(0), last.unsqueeze(-1))
+        amplitudes = amplitudes.gather(-1, index.unsqueeze(1).expand_as(amplitudes))
+        amplitudes = F.interpolate(amplitudes, size=frames * hop, mode="linear", align_corners=False)
+        starts = harmonic_frame_phases(frequencies, hop, self.sampling_rate, initial_phase)[:, :-1]
+        offsets = torch.arange(hop, device=frequencies.device, dtype=frequencies.dtype) / self.sampling_rate
+        phase = (starts.unsqueeze(-1) + 2 * math.pi * frequencies.unsqueeze(-1) * offsets).flatten(1)
+        numbers = torch.arange(1, amplitudes.shape[1] + 1, device=phase.device, dtype=phase.dtype).unsqueeze(-1)
+        per_sample = frequencies.repeat_interleave(hop, dim=-1).unsqueeze(1)
+        audible = voiced.repeat_interleave(hop, dim=-1).unsqueeze(1) & (per_sample * numbers < self.sampling_rate / 2)
+        return (amplitudes * audible * torch.sin(numbers * phase.unsqueeze(1))).sum(1)
 
 
 def semantic_model_config_in_use(config: BiCodecConfig):
@@ -516,7 +612,16 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
     _supports_sdpa = True
     _supports_flash_attn = True
     # The codec runs in float32 whatever dtype the surrounding model is loaded in.
-    _keep_in_fp32_modules_strict = ["semantic_model", "encoder", "quantizer", "speaker_encoder", "prenet", "decoder"]
+    _keep_in_fp32_modules_strict = [
+        "semantic_model",
+        "encoder",
+        "quantizer",
+        "speaker_encoder",
+        "prenet",
+        "decoder",
+        "pitch_predictor",
+        "harmonic_synthesizer",
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -584,6 +689,8 @@ class BiCodecModel(BiCodecPreTrainedModel):
         self.speaker_encoder = BiCodecSpeakerEncoder(config)
         self.prenet = BiCodecPrenet(config)
         self.decoder = BiCodecWaveGenerator(config)
+        self.pitch_predictor = BiCodecPitchPredictor(config) if config.harmonic_count else None
+        self.harmonic_synthesizer = BiCodecHarmonicSynthesizer(config) if config.harmonic_count else None
         self.post_init()
 
     @property
@@ -668,8 +775,13 @@ class BiCodecModel(BiCodecPreTrainedModel):
         global_codes: torch.LongTensor,
         semantic_lengths: torch.LongTensor | None = None,
         return_dict: bool = True,
+        initial_phase: torch.Tensor | None = None,
     ) -> BiCodecDecoderOutput | tuple:
-        """Semantic `(batch, frames)` + global `(batch, num_global_tokens)` tokens -> `(batch, frames * hop)` audio."""
+        """Semantic `(batch, frames)` + global `(batch, num_global_tokens)` tokens -> `(batch, frames * hop)` audio.
+
+        `initial_phase` `(batch,)`: the harmonic synthesiser's phase at the first token (see
+        `harmonic_frame_phases`), for a window that continues a clip; 0 when not given.
+        """
         self.check_code_shapes(semantic_codes, global_codes)
         for name, codes, size in (
             ("semantic", semantic_codes, self.config.codebook_size),
@@ -681,12 +793,45 @@ class BiCodecModel(BiCodecPreTrainedModel):
             semantic_lengths = torch.full(
                 (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
             )
-        audio = self.decode_without_checks(semantic_codes, global_codes, semantic_lengths)
+        audio = self.decode_without_checks(semantic_codes, global_codes, semantic_lengths, initial_phase)
         output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
         return output if return_dict else output.to_tuple()
 
+    def decoder_inputs(
+        self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The wave generator's input `(batch, hidden_size, frames)`: speaker-conditioned prenet output."""
+        latents = self.quantizer.decode(semantic_codes)
+        d_vector = self.speaker_embedding(global_codes)
+        return self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
+
+    def pitch_of_decoder_inputs(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> BiCodecPitchOutput:
+        log_frequencies, voicing_logits = self.pitch_predictor(hidden_states, mask)
+        return BiCodecPitchOutput(frequencies=log_frequencies.exp(), voiced=(voicing_logits > 0) & mask[:, 0].bool())
+
+    def pitch(
+        self,
+        semantic_codes: torch.LongTensor,
+        global_codes: torch.LongTensor,
+        semantic_lengths: torch.LongTensor | None = None,
+    ) -> BiCodecPitchOutput:
+        """The pitch the harmonic synthesiser plays for these tokens (a codec with `harmonic_count > 0`)."""
+        if self.pitch_predictor is None:
+            raise ValueError("this BiCodec has no harmonic synthesiser (harmonic_count=0), so it predicts no pitch")
+        self.check_code_shapes(semantic_codes, global_codes)
+        if semantic_lengths is None:
+            semantic_lengths = torch.full(
+                (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
+            )
+        mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
+        return self.pitch_of_decoder_inputs(self.decoder_inputs(semantic_codes, global_codes, mask), mask)
+
     def decode_without_checks(
-        self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor, semantic_lengths: torch.LongTensor
+        self,
+        semantic_codes: torch.LongTensor,
+        global_codes: torch.LongTensor,
+        semantic_lengths: torch.LongTensor,
+        initial_phase: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`decode`'s audio `(batch, frames * hop)`, without its checks of the token ids (the shapes are checked).
 
@@ -695,10 +840,12 @@ class BiCodecModel(BiCodecPreTrainedModel):
         """
         self.check_code_shapes(semantic_codes, global_codes)
         mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
-        latents = self.quantizer.decode(semantic_codes)
-        d_vector = self.speaker_embedding(global_codes)
-        hidden_states = self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
-        return self.decoder(hidden_states, mask)
+        hidden_states = self.decoder_inputs(semantic_codes, global_codes, mask)
+        harmonics = None
+        if self.harmonic_synthesizer is not None:
+            pitch = self.pitch_of_decoder_inputs(hidden_states, mask)
+            harmonics = self.harmonic_synthesizer(hidden_states, mask, pitch.frequencies, pitch.voiced, initial_phase)
+        return self.decoder(hidden_states, mask, harmonics)
 
     def forward(
         self,
@@ -712,4 +859,11 @@ class BiCodecModel(BiCodecPreTrainedModel):
         return self.decode(encoded.semantic_codes, encoded.global_codes, encoded.semantic_lengths, return_dict)
 
 
-__all__ = ["BiCodecDecoderOutput", "BiCodecEncoderOutput", "BiCodecModel", "BiCodecPreTrainedModel"]
+__all__ = [
+    "BiCodecDecoderOutput",
+    "BiCodecEncoderOutput",
+    "BiCodecModel",
+    "BiCodecPitchOutput",
+    "BiCodecPreTrainedModel",
+    "harmonic_frame_phases",
+]

@@ -6,6 +6,7 @@ processor prepared, writes the codes into the prompt, applies the task's default
 budget, and can decode the result to audio.
 """
 
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from .generation_gpa import (
     prefill_multiple_for,
     round_up,
 )
-from .modeling_bicodec import BiCodecModel
+from .modeling_bicodec import BiCodecModel, harmonic_frame_phases
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
 from .processing_gpa import AUDIO_INPUT_NAMES, GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
 
@@ -200,8 +201,11 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         global_codes: torch.LongTensor,
         semantic_lengths: torch.LongTensor,
         cuda_graphs: bool = False,
+        initial_phase: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Audio `(batch, frames * hop)` of semantic tokens this model generated (valid ids: not checked again).
+
+        `initial_phase`: the codec's harmonic phase at the first token (a window that continues a stream).
 
         With `cuda_graphs` on a CUDA device, the codec runs as a CUDA graph captured per batch size and length
         (padded up to one of `CODEC_GRAPH_FRAMES`; the mask keeps the padding out of every item's audio): the
@@ -210,11 +214,12 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         frames = semantic_codes.shape[1]
         graph_frames = codec_graph_frames(frames)
         if not cuda_graphs or self.device.type != "cuda" or graph_frames is None:
-            return self.bicodec.decode_without_checks(semantic_codes, global_codes, semantic_lengths)
+            return self.bicodec.decode_without_checks(semantic_codes, global_codes, semantic_lengths, initial_phase)
         padded = torch.nn.functional.pad(semantic_codes, (0, graph_frames - frames))
         # A graph reads the weights where they were at capture: a codec moved or cast since needs a new one.
         storage = tuple(tensor.data_ptr() for tensor in self.bicodec.parameters())
-        audio = self.codec_graphs(padded, global_codes, semantic_lengths, version=storage)
+        phase = () if initial_phase is None else (initial_phase,)
+        audio = self.codec_graphs(padded, global_codes, semantic_lengths, *phase, version=storage)
         return audio[:, : frames * self.config.bicodec_config.hop_length]
 
     @torch.no_grad()
@@ -457,15 +462,31 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         layout = self.config.layout
         prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
         voice = layout.block_codes(prompt, "global").unsqueeze(0)
-        hop = self.config.bicodec_config.hop_length
+        hop, sampling_rate = self.config.bicodec_config.hop_length, self.config.bicodec_config.sampling_rate
         static_decoding = kwargs.pop("static_decoding", True)
+
+        # A codec with a harmonic synthesiser continues its phase across windows: the stream keeps the phase at every
+        # token boundary emitted so far, and starts each window at the phase that puts the chunk's first token where
+        # the stream left it. The window's left context must not move it: near the window's edge its pitch differs
+        # from the offline decode's, and a phase error there would last for the rest of the stream.
+        phases = [0.0] if self.bicodec.harmonic_synthesizer is not None else None
 
         @torch.no_grad()
         def decode_window(codes: list[int], start: int, stop: int) -> torch.Tensor:
             first = max(0, start - left_context)
             window = torch.tensor([codes[first : stop + right_context]], device=self.device)
             length = torch.tensor([window.shape[1]], device=self.device)
-            audio = self.synthesize(window, voice, length, cuda_graphs=static_decoding)[0]
+            initial_phase = None
+            if phases is not None:
+                window_phases = harmonic_frame_phases(
+                    self.bicodec.pitch(window, voice, length).frequencies, hop, sampling_rate
+                )
+                initial_phase = phases[start] - window_phases[:, start - first]
+                chunk_phases = torch.remainder(
+                    window_phases[0, start - first + 1 : stop - first + 1] + initial_phase, 2 * math.pi
+                )
+                phases.extend(chunk_phases.tolist())
+            audio = self.synthesize(window, voice, length, static_decoding, initial_phase)[0]
             return audio[(start - first) * hop : (stop - first) * hop].float().cpu()
 
         streamer = GpaAudioStreamer(

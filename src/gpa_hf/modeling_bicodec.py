@@ -3,7 +3,9 @@
 Layout follows the published BiCodec: a ConvNeXt (Vocos) feature encoder over wav2vec2 features with a factorized
 cosine VQ; an ECAPA-TDNN + perceiver resampler + FSQ speaker tokenizer over a linear-magnitude mel spectrogram; a
 speaker-conditioned ConvNeXt prenet and a DAC wave generator. Every sequence op honours a padding mask, so a batch
-of clips gives each clip exactly what it gets alone.
+of clips gives each clip exactly what it gets alone. Beyond the published layout, an optional harmonic synthesiser
+(`harmonic_count > 0`: a pitch head and sines at that pitch added to the wave generator's output) gives a small,
+briefly trained decoder periodic voiced speech.
 """
 
 import copy

@@ -267,8 +267,8 @@ def prepare_for_training(bicodec: torch.nn.Module) -> None:
     The checkpoint-oriented initialisation (std 0.02) makes a deep conv stack's output vanish; training from
     scratch needs fan-in scaled weights, and weight norm keeps the wave generator stable, as in DAC.
     """
-    for module in bicodec.modules():
-        if isinstance(module, TRAINED_LAYERS):
+    for module in bicodec.modules():  # wav2vec2's positional conv keeps its own (weight-normed) initialisation
+        if isinstance(module, TRAINED_LAYERS) and not parametrize.is_parametrized(module):
             module.reset_parameters()
     add_weight_norm(bicodec)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import AUDIO, ORIGINAL_CHECKPOINT, SHARED_DATA
+from conftest import AUDIO, FIXTURES, ORIGINAL_CHECKPOINT, SHARED_DATA
 
 from gpa_hf.audio_utils import pitch_track
 from gpa_hf.cli import main
@@ -454,3 +455,40 @@ def test_codec_config_rejects_a_semantic_encoder_of_another_hop(gpa_tiny_recipe)
     }
     with pytest.raises(ValueError, match="step 320 samples over a 400-sample receptive field; hop_length=640 needs"):
         BiCodecConfig(**{**settings, "hop_length": 640})
+
+
+def test_gpa_tiny_recipe_adds_a_harmonic_synthesizer_without_changing_a_token(gpa_tiny_recipe, capsys):
+    """Stage 4 on gpa-tiny's codec as stages 2-3 leave it (no synthesiser): the tokenizing paths and the LM keep
+    their weights, and the codec's tokens of a clip are the same."""
+    from gpa_hf import DEFAULT_MODEL, BiCodecModel, GpaForConditionalGeneration, GpaProcessor
+
+    model = GpaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()
+    config = copy.deepcopy(model.config.bicodec_config)
+    config.harmonic_count = 0
+    plain = BiCodecModel(config).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.bicodec.state_dict().items() if "harmonic" not in k and "pitch" not in k}
+    )
+    heldout = FIXTURES / "gpa_tiny_heldout"
+    rows = [{**row, "speaker": "one"} for row in json.loads((heldout / "clips.json").read_text())]
+    codec = gpa_tiny_recipe.train_harmonic_synthesizer(plain, rows, heldout, steps=2, batch_size=2, seed=0)
+    assert codec.config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT and "[harmonic synthesizer]" in (
+        capsys.readouterr().out
+    )
+    before, after = plain.state_dict(), codec.state_dict()
+    frozen = [k for k in before if not k.startswith(("prenet.", "decoder."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    features = GpaProcessor.from_pretrained(DEFAULT_MODEL).feature_extractor.bicodec
+    inputs = features([str(heldout / rows[0]["audio"])], sampling_rate=16000)
+    with torch.no_grad():
+        tokens = plain.encode(**inputs)
+        again = codec.encode(**inputs)
+        audio = codec.decode(tokens.semantic_codes, tokens.global_codes).audio_values
+    assert torch.equal(tokens.semantic_codes, again.semantic_codes)
+    assert torch.equal(tokens.global_codes, again.global_codes)
+    assert audio.abs().max() > 0
+    assembled = gpa_tiny_recipe.with_codec(model, codec)
+    lm = {k: v for k, v in model.state_dict().items() if not k.startswith("bicodec.")}
+    assert all(torch.equal(v, assembled.state_dict()[k]) for k, v in lm.items())
+    assert assembled.config.bicodec_config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT

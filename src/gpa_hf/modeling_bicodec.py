@@ -28,9 +28,8 @@ from .configuration_bicodec import BiCodecConfig
 STAGE_GAIN = 3.0
 # The pitch head's zero output: mid speech range, so that a head starts near every voice.
 PITCH_REFERENCE_HZ = 150.0
-# Harmonic amplitudes are HARMONIC_GAIN * softplus(head output + HARMONIC_OFFSET). An untrained head plays 0.007 per
-# harmonic (about the level of normalised speech over 48 harmonics): a quieter start hides the harmonics under the
-# wave generator's noise, where a spectral loss gives them almost no gradient, and they never grow.
+# Harmonic amplitudes are HARMONIC_GAIN * softplus(head output + HARMONIC_OFFSET): non-negative, and an untrained head
+# plays 0.007 per harmonic, about the level of loudness-normalised speech over 48 harmonics.
 HARMONIC_GAIN = 0.01
 HARMONIC_OFFSET = 0.0
 
@@ -808,6 +807,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         return self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
 
     def pitch_of_decoder_inputs(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> BiCodecPitchOutput:
+        """`pitch` from the wave generator's input (`decoder_inputs`), for callers that have it already."""
         log_frequencies, voicing_logits = self.pitch_predictor(hidden_states, mask)
         return BiCodecPitchOutput(frequencies=log_frequencies.exp(), voiced=(voicing_logits > 0) & mask[:, 0].bool())
 

@@ -490,5 +490,6 @@ def test_gpa_tiny_recipe_adds_a_harmonic_synthesizer_without_changing_a_token(gp
     assert audio.abs().max() > 0
     assembled = gpa_tiny_recipe.with_codec(model, codec)
     lm = {k: v for k, v in model.state_dict().items() if not k.startswith("bicodec.")}
-    assert all(torch.equal(v, assembled.state_dict()[k]) for k, v in lm.items())
+    assembled_state = assembled.state_dict()
+    assert all(torch.equal(v, assembled_state[k]) for k, v in lm.items())
     assert assembled.config.bicodec_config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT

@@ -66,6 +66,7 @@ from gpa_hf.convert_gpa_original_to_hf import voice_from_audio
 from gpa_hf.data_gpa import load_jsonl_dataset, prepare_dataset
 from gpa_hf.evaluation_gpa import evaluate_gpa, write_report
 from gpa_hf.generation_gpa import build_generation_config
+from gpa_hf.modeling_bicodec import lengths_to_mask
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_SOURCE = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint_original_layout"
@@ -228,6 +229,20 @@ def resynthesis_consistency(bicodec: BiCodecModel, decoded: torch.Tensor, target
     return (distance * weights).sum() / weights.sum().clamp(min=1)
 
 
+def clips_by_speaker(speaker_of: list) -> dict:
+    """Speaker -> the indices of their clips, from each clip's speaker."""
+    clips_of: dict = {}
+    for index, speaker in enumerate(speaker_of):
+        clips_of.setdefault(speaker, []).append(index)
+    return clips_of
+
+
+def other_clips_of_their_speakers(batch: list[int], speaker_of: list, clips_of: dict, rng: random.Random) -> list[int]:
+    """For each clip, another clip of its speaker (itself when it is the speaker's only one): the speaker tokens
+    must carry the voice, not the clip."""
+    return [rng.choice([j for j in clips_of[speaker_of[i]] if j != i] or [i]) for i in batch]
+
+
 def window_starts(lengths: torch.Tensor, hop_length: int, rng: random.Random) -> list[int]:
     """A random window of `DECODER_WINDOW_SAMPLES` per clip (vocoders train on segments): its first frame."""
     frames = DECODER_WINDOW_SAMPLES // hop_length
@@ -312,9 +327,7 @@ def train_audio_tokenizers(
     word_head = torch.nn.Linear(glm.config.d_model, len(DIGITS) + 1)
     speakers = sorted({row["speaker"] for row in rows})
     speaker_of = [speakers.index(row["speaker"]) for row in rows]
-    clips_of: dict[int, list[int]] = {}
-    for index, speaker in enumerate(speaker_of):
-        clips_of.setdefault(speaker, []).append(index)
+    clips_of = clips_by_speaker(speaker_of)
     speaker_head = torch.nn.Linear(bicodec.config.hidden_size, len(speakers))
     mel_loss = MultiResolutionMelLoss()
     # Two optimisers, clipped apart: the GLM tokenizer's gradients must not scale down the codec's.
@@ -342,7 +355,7 @@ def train_audio_tokenizers(
         # semantic path
         features = semantic_features(bicodec, inputs["input_values"], inputs["attention_mask"])
         lengths = bicodec.semantic_lengths(inputs["attention_mask"].sum(-1))
-        mask = (torch.arange(features.shape[1])[None] < lengths[:, None]).float()[:, None]
+        mask = lengths_to_mask(lengths, features.shape[1])
         latents = bicodec.encoder(features.transpose(1, 2), mask)
         projected = bicodec.quantizer.in_project(latents).transpose(1, 2)
         quantized, codes, semantic_vq_loss = vq_straight_through(
@@ -355,7 +368,7 @@ def train_audio_tokenizers(
         char_ctc = F.ctc_loss(log_probs, characters, lengths, character_lengths, zero_infinity=True)
 
         # speaker path, on another clip of the same speaker: FSQ with a straight-through round
-        references = [rng.choice([j for j in clips_of[speaker_of[i]] if j != i] or [i]) for i in batch]
+        references = other_clips_of_their_speakers(batch, speaker_of, clips_of, rng)
         reference_values = bicodec_features.speaker_inputs([waveforms[j] for j in references], sampling_rate=16000)
         fsq = bicodec.speaker_encoder.quantizer
         speaker = bicodec.speaker_encoder.latents(bicodec.reference_mel(reference_values["reference_values"]))
@@ -480,9 +493,8 @@ def train_harmonic_synthesizer(
         pitch_track(features.prepare_waveform(waveform, 16000), config.sampling_rate, hop, PITCH_WINDOW_SAMPLES)
         for waveform in waveforms
     ]
-    clips_of: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        clips_of.setdefault(row["speaker"], []).append(index)
+    speaker_of = [row["speaker"] for row in rows]
+    clips_of = clips_by_speaker(speaker_of)
     mel_loss = MultiResolutionMelLoss()
     started = time.perf_counter()
     for step in range(1, steps + 1):
@@ -490,14 +502,14 @@ def train_harmonic_synthesizer(
         clips = [waveforms[i] for i in batch]
         inputs = features(clips, sampling_rate=16000)
         targets = [features.prepare_waveform(clip, 16000) for clip in clips]
-        references = [rng.choice([j for j in clips_of[rows[i]["speaker"]] if j != i] or [i]) for i in batch]
+        references = other_clips_of_their_speakers(batch, speaker_of, clips_of, rng)
         reference_values = features.speaker_inputs([waveforms[j] for j in references], sampling_rate=16000)
         with torch.no_grad():
             encoded = synthesizing.encode(
                 inputs["input_values"], inputs["attention_mask"], reference_values["reference_values"]
             )
         lengths = encoded.semantic_lengths
-        mask = (torch.arange(encoded.semantic_codes.shape[1])[None] < lengths[:, None]).float()[:, None]
+        mask = lengths_to_mask(lengths, encoded.semantic_codes.shape[1])
         conditioned = synthesizing.decoder_inputs(encoded.semantic_codes, encoded.global_codes, mask)
         log_frequencies, voicing_logits = synthesizing.pitch_predictor(conditioned, mask)
         tracked = torch.zeros_like(log_frequencies)

@@ -312,3 +312,18 @@ def test_harmonic_settings_are_checked(bicodec, expected):
         BiCodecConfig(harmonic_count=-1)
     with pytest.raises(ValueError, match="no harmonic synthesiser"):
         bicodec[0].pitch(expected["000.semantic_tokens"][None], expected["000.global_tokens"])
+
+
+def test_fresh_codec_starts_its_speaker_conditioned_norms_as_layer_norms(bicodec):
+    """A codec built from its config (to train it) starts each speaker-conditioned norm as a plain LayerNorm (scale
+    1, shift 0 whatever the d-vector). transformers skips `_init_weights` for modules without direct parameters,
+    so the norm itself cannot set its projections."""
+    from gpa_hf import BiCodecModel
+    from gpa_hf.modeling_bicodec import BiCodecAdaLayerNorm
+
+    codec = BiCodecModel(bicodec[0].config)
+    norms = [module for module in codec.modules() if isinstance(module, BiCodecAdaLayerNorm)]
+    assert norms
+    for norm in norms:
+        assert not norm.scale.weight.any() and torch.equal(norm.scale.bias, torch.ones_like(norm.scale.bias))
+        assert not norm.shift.weight.any() and not norm.shift.bias.any()

@@ -90,14 +90,26 @@ def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
 
 
+class BiCodecConditionProjection(nn.Linear):
+    """A projection of the speaker d-vector that starts constant: zero weights, every bias `initial_bias`.
+
+    Its own class so that `_init_weights` finds it: transformers skips the init of a module without direct
+    parameters (such as a norm holding two of these), so the parent cannot initialise them.
+    """
+
+    def __init__(self, condition_dim: int, dim: int, initial_bias: float):
+        super().__init__(condition_dim, dim)
+        self.initial_bias = initial_bias
+
+
 class BiCodecAdaLayerNorm(nn.Module):
     """LayerNorm without affine parameters, then a scale and shift predicted from the speaker d-vector."""
 
     def __init__(self, condition_dim: int, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.scale = nn.Linear(condition_dim, dim)
-        self.shift = nn.Linear(condition_dim, dim)
+        self.scale = BiCodecConditionProjection(condition_dim, dim, initial_bias=1.0)
+        self.shift = BiCodecConditionProjection(condition_dim, dim, initial_bias=0.0)
 
     def forward(self, hidden_states: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         hidden_states = F.layer_norm(hidden_states, (hidden_states.shape[-1],), eps=self.eps)
@@ -627,7 +639,10 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
+        if isinstance(module, BiCodecConditionProjection):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, module.initial_bias)
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -650,11 +665,6 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
             init.normal_(module.latents, std=0.02)
         elif isinstance(module, BiCodecScaledRMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, BiCodecAdaLayerNorm):
-            init.zeros_(module.scale.weight)
-            init.ones_(module.scale.bias)
-            init.zeros_(module.shift.weight)
-            init.zeros_(module.shift.bias)
         elif isinstance(module, BiCodecMelSpectrogram):
             filters, window = module.compute_buffers(self.config)
             init.copy_(module.mel_filters, filters)

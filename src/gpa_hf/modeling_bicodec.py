@@ -640,6 +640,9 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, BiCodecConditionProjection):
+            # This draw is overwritten: it keeps what a seeded construction takes from the random stream as it was
+            # before these projections had their own init, so that seeded training runs (gpa-tiny's recipe) repeat.
+            init.trunc_normal_(module.weight, std=std)
             init.zeros_(module.weight)
             init.constant_(module.bias, module.initial_bias)
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):

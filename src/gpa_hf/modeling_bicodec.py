@@ -783,6 +783,15 @@ class BiCodecModel(BiCodecPreTrainedModel):
                 f"expected {self.config.num_global_tokens} global tokens; got {global_codes.shape[-1]} per item"
             )
 
+    @staticmethod
+    def lengths_or_full(
+        semantic_codes: torch.LongTensor, semantic_lengths: torch.LongTensor | None
+    ) -> torch.LongTensor:
+        """`semantic_lengths`, or every item as long as the padded `(batch, frames)` codes when not given."""
+        if semantic_lengths is not None:
+            return semantic_lengths
+        return torch.full((semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device)
+
     def decode(
         self,
         semantic_codes: torch.LongTensor,
@@ -803,10 +812,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         ):
             if codes.numel() and (codes.min() < 0 or codes.max() >= size):
                 raise ValueError(f"{name} token ids must be in [0, {size}), got [{codes.min()}, {codes.max()}]")
-        if semantic_lengths is None:
-            semantic_lengths = torch.full(
-                (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
-            )
+        semantic_lengths = self.lengths_or_full(semantic_codes, semantic_lengths)
         audio = self.decode_without_checks(semantic_codes, global_codes, semantic_lengths, initial_phase)
         output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
         return output if return_dict else output.to_tuple()
@@ -834,10 +840,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         if self.pitch_predictor is None:
             raise ValueError("this BiCodec has no harmonic synthesiser (harmonic_count=0), so it predicts no pitch")
         self.check_code_shapes(semantic_codes, global_codes)
-        if semantic_lengths is None:
-            semantic_lengths = torch.full(
-                (semantic_codes.shape[0],), semantic_codes.shape[1], device=semantic_codes.device
-            )
+        semantic_lengths = self.lengths_or_full(semantic_codes, semantic_lengths)
         mask = lengths_to_mask(semantic_lengths, semantic_codes.shape[1]).to(self.codec_dtype)
         return self.pitch_of_decoder_inputs(self.decoder_inputs(semantic_codes, global_codes, mask), mask)
 

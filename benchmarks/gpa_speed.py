@@ -230,8 +230,8 @@ def main() -> None:
                 args.tokens / seconds,
                 "tok/s",
             )
-        # The two fastest variants at batch 1 are run batched (their order can change with the batch size: on CPU,
-        # static decoding attends over its whole cache), and the faster one also serves streaming and ASR.
+        # The two fastest variants at batch 1 are run batched (their order can change with the batch size), and the
+        # faster one also serves streaming and ASR.
         ranked = sorted(variants, key=lambda item: results[f"gpa_{item[0].replace(' ', '_')}_tts_rtf_batch1"])
         batched = [
             (tts_run(variant, args.batch_size, options), name, variant, options)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import CLIPS
 
+from gpa_hf.modeling_gpa import cast_audio_tokenizer
+
 ATOL, RTOL = 1e-4, 1e-3
 
 
@@ -173,7 +175,8 @@ def test_audio_tokenizers_run_in_bfloat16(bicodec, glm_tokenizer, clip_paths, ex
     """Cast to bfloat16 (`cast_audio_tokenizers`), both tokenizers still work and stay close to float32."""
     model, feature_extractor = bicodec
     glm, glm_features = glm_tokenizer
-    model, glm = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(glm).to(torch.bfloat16)
+    model = cast_audio_tokenizer(copy.deepcopy(model), torch.bfloat16)
+    glm = cast_audio_tokenizer(copy.deepcopy(glm), torch.bfloat16)
     paths = [clip_paths[c] for c in CLIPS]
     with torch.no_grad():
         encoded = model.encode(**feature_extractor(paths))
@@ -196,6 +199,23 @@ def test_audio_tokenizers_run_in_bfloat16(bicodec, glm_tokenizer, clip_paths, ex
         audio = decoded.audio_values[index, : reference.numel()].float()
         snr = 10 * torch.log10(reference.pow(2).sum() / (audio - reference).pow(2).sum())
         assert snr >= 25, (clip, float(snr))  # 36 dB measured
+
+
+def test_bfloat16_cast_keeps_narrow_convolutions_float32_on_cpu():
+    """oneDNN's bfloat16 convolution is wrong for few channels per group and long kernels on some CPUs (AMX Xeons)."""
+    torch.manual_seed(0)
+    narrow, wide = torch.nn.Conv1d(32, 32, 16, padding=8, groups=4), torch.nn.Conv1d(32, 32, 16, padding=8)
+    module = torch.nn.Sequential(narrow, wide)
+    inputs = torch.randn(1, 32, 200)
+    expected = module(inputs)
+    cast_audio_tokenizer(module, torch.bfloat16)
+    assert narrow.weight.dtype == torch.float32 and wide.weight.dtype == torch.bfloat16
+    output = module(inputs.bfloat16())
+    assert output.dtype == torch.bfloat16
+    assert (output.float() - expected).norm() / expected.norm() < 0.02
+    cast_audio_tokenizer(module, torch.float32)  # back to float32: no guard left
+    assert not narrow._forward_hooks and not narrow._forward_pre_hooks
+    assert wide.weight.dtype == torch.float32 and module(inputs).dtype == torch.float32
 
 
 # ---- the optional harmonic synthesiser ----------------------------------------------------------------------

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import AUDIO, ORIGINAL_CHECKPOINT
-from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+from transformers import AutoModelForCausalLM, AutoProcessor, DynamicCache, pipeline
 
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
-from gpa_hf.generation_gpa import allowed_token_mask
+from gpa_hf.generation_gpa import CACHE_GROWTH, GpaAppendingCacheLayer, GpaDecodingCache, allowed_token_mask
 from gpa_hf.modeling_gpa import GpaInt8OutputLayer
 from gpa_hf.pipelines import split_sentences
 
@@ -302,6 +302,64 @@ def test_static_cache_generation_equals_dynamic(gpa):
     dynamic = model.generate(**inputs, do_sample=False, max_new_tokens=12)
     static = model.generate(**inputs, do_sample=False, max_new_tokens=12, cache_implementation="static")
     assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("task", ["asr", "tts", "vc"])
+def test_appending_cache_generates_what_the_stock_cache_does(gpa, task):
+    model, processor = gpa
+    kwargs = {"tts": {"text": [TEXT, "Hi"]}, "asr": {"audio": [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")]}}
+    kwargs = kwargs.get(task) or {"audio": [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")], "voice": TEXT}
+    if task == "vc":
+        kwargs["voice"] = str(AUDIO / "astro.wav")
+    inputs = processor(task=task, **kwargs)  # a left-padded batch
+    results = []
+    for cache_implementation in (None, "dynamic"):
+        torch.manual_seed(5)
+        results.append(
+            model.generate(
+                **inputs,
+                max_new_tokens=CACHE_GROWTH,  # prompt + new tokens outgrow the first buffer
+                cache_implementation=cache_implementation,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        )
+    appending, stock = results
+    assert isinstance(appending.cache, GpaDecodingCache)
+    assert not isinstance(stock.cache, GpaDecodingCache)
+    assert appending.cache.get_seq_length() > CACHE_GROWTH
+    assert torch.equal(appending.sequences, stock.sequences)
+    for appending_scores, stock_scores in zip(appending.scores, stock.scores):
+        torch.testing.assert_close(appending_scores, stock_scores, rtol=0, atol=0)
+
+
+def test_appending_cache_layer_follows_crop_and_reorder_like_the_stock_layer():
+    torch.manual_seed(0)
+    appending, stock = GpaAppendingCacheLayer(), DynamicCache().layer_class_to_replicate()
+
+    def step(length: int, batch_size: int = 3) -> None:
+        keys, values = torch.randn(batch_size, 2, length, 4), torch.randn(batch_size, 2, length, 4)
+        got, expected = appending.update(keys, values), stock.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    step(CACHE_GROWTH - 2)
+    buffer = appending.key_buffer
+    step(1)
+    assert appending.key_buffer is buffer  # appended into spare room, nothing copied
+    step(5)  # outgrows the buffer
+    assert appending.key_buffer.shape[-2] == 2 * CACHE_GROWTH
+    for layer in (appending, stock):
+        layer.crop(-4)
+    step(3)
+    assert appending.get_seq_length() == stock.get_seq_length() == CACHE_GROWTH + 3
+    order = torch.tensor([2, 0, 0])
+    for layer in (appending, stock):
+        layer.reorder_cache(order)
+    step(1)
+    for layer in (appending, stock):
+        layer.batch_select_indices(torch.tensor([1, 2]))
+    step(2, batch_size=2)
+    assert appending.get_seq_length() == CACHE_GROWTH + 6
 
 
 def test_gradient_checkpointing_training_step(converted):

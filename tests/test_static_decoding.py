@@ -19,6 +19,7 @@ import gpa_hf
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor
 from gpa_hf.generation_gpa import (
     GpaCudaGraphs,
+    GpaDecodingCache,
     GpaStaticDecoder,
     StaticDecodingSettings,
     allowed_token_mask,
@@ -138,6 +139,34 @@ def test_prompts_padded_to_a_multiple_give_the_same_tokens(tiny, clips, task):
         for multiple in (1, 32)
     ]
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("task", ["tts", "asr", "vc"])
+def test_appending_and_static_caches_decode_the_same_tokens(tiny, clips, task):
+    """On CPU the decoder appends to a dynamic cache (no mask for an unpadded prompt); CUDA uses a static one."""
+    model, processor = tiny
+    inputs = requests(processor, clips)[task]
+    input_ids = model.fill_audio_tokens(
+        inputs["input_ids"],
+        inputs["audio_input_mask"],
+        **{name: inputs[name] for name in inputs if name not in ("input_ids", "attention_mask", "audio_input_mask")},
+    )
+    layout = model.config.layout
+    rows = allowed_token_mask(task, layout, model.config.vocab_size).nonzero().squeeze(-1)
+    settings = StaticDecodingSettings(False, 1.0, 0, 1.0, 1.2, 0)
+    longest = int(inputs["attention_mask"].sum(-1).argmax())
+    unpadded = (input_ids[longest : longest + 1], inputs["attention_mask"][longest : longest + 1])
+    for prompts, mask in ((input_ids, inputs["attention_mask"]), unpadded):
+        assert mask.all() != (prompts.shape[0] > 1)  # a left-padded batch, then its longest prompt alone
+        budgets = torch.full((prompts.shape[0],), 60)
+        decoders = [
+            GpaStaticDecoder(model, rows, layout.stop, 0, prompts.shape[0], 512, settings, static_cache=static)
+            for static in (False, True)
+        ]
+        assert isinstance(decoders[0].cache, GpaDecodingCache)
+        outputs = [decoder.decode(prompts, mask, budgets, 61) for decoder in decoders]
+        assert torch.equal(outputs[0], outputs[1])
+        assert (outputs[0][:, prompts.shape[1] :] != 0).any()
 
 
 def test_a_voice_of_the_wrong_size_is_named(tiny):

@@ -20,10 +20,12 @@ from transformers.utils import ModelOutput
 from .configuration_gpa import GpaConfig
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
+    CACHE_ARGUMENT,
     STATIC_DECODING_SYNC_EVERY,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
     GpaCudaGraphs,
+    GpaDecodingCache,
     GpaStaticDecoder,
     GpaStaticDecoderCache,
     GpaStreamCancelled,
@@ -38,6 +40,37 @@ from .generation_gpa import (
 from .modeling_bicodec import BiCodecModel, harmonic_frame_phases
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
 from .processing_gpa import AUDIO_INPUT_NAMES, GLM_PLACEHOLDER, GLOBAL_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GpaVoice
+
+# oneDNN's CPU bfloat16 convolution returns wrong results (relative error ~1) for some layers with fewer input
+# channels per group than this and long kernels (measured with torch 2.13 on an AMX-capable Xeon: 2-12 channels
+# with kernels of 16 or more; e.g. gpa-tiny's wav2vec2 positional convolution, 12 channels per group, kernel 32).
+# Such layers are cheap, so all of them run in float32.
+BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP = 16
+
+
+def cast_audio_tokenizer(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast an audio tokenizer (BiCodec, the GLM tokenizer) to `dtype`, in place, with a float32 guard on CPU.
+
+    On CPU, reduced-precision casts keep every convolution with fewer than
+    `BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP` input channels per group in float32: its input is cast up and its
+    output back to `dtype`. Casting back to float32 removes the guard.
+    """
+    for handle in getattr(module, "float32_convolution_hooks", []):
+        handle.remove()
+    module.to(dtype)
+    module.float32_convolution_hooks = []
+    if dtype == torch.float32 or next(module.parameters()).device.type != "cpu":
+        return module
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)) and (
+            layer.in_channels // layer.groups < BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP
+        ):
+            layer.float()
+            module.float32_convolution_hooks += [
+                layer.register_forward_pre_hook(lambda _, inputs: tuple(value.float() for value in inputs)),
+                layer.register_forward_hook(lambda _, inputs, output: output.to(dtype)),
+            ]
+    return module
 
 
 @dataclass
@@ -278,11 +311,12 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         and encoder layers are compute-bound, so on CPUs with bfloat16 dot products (AVX512-BF16) bfloat16 runs them
         about 2x faster, which matters most for ASR (two encoders per request) and batched TTS (the wave
         generator). The price: tokens and waveforms are no longer those of float32 (see the README's performance
-        section for what changes on gpa-tiny).
+        section for what changes on gpa-tiny). On CPU, convolutions with few input channels per group stay float32
+        (see [`cast_audio_tokenizer`]).
         """
         for module in (self.bicodec, self.speech_tokenizer):
             if module is not None:
-                module.to(dtype)
+                cast_audio_tokenizer(module, dtype)
         return self
 
     @contextmanager
@@ -363,6 +397,13 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             allowed = allowed_token_mask(task, layout, self.config.vocab_size)
             processors = LogitsProcessorList(logits_processor or [])
             processors.append(GpaTaskLogitsProcessor(allowed, layout.stop, input_ids.shape[1], budgets))
+            # Unless a cache implementation is asked for ("dynamic" is the stock one), decode with one that appends
+            # in place.
+            cache = (
+                {CACHE_ARGUMENT: GpaDecodingCache()}
+                if config.use_cache is not False and not config.cache_implementation
+                else {}
+            )
             with self.allowed_rows_output(allowed) if restrict_output else nullcontext():
                 outputs = super().generate(
                     input_ids=input_ids,
@@ -370,6 +411,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                     generation_config=config,
                     logits_processor=processors,
                     streamer=streamer,
+                    **cache,
                 )
         if not output_audio:
             return outputs
@@ -526,4 +568,4 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             raise failure[0]
 
 
-__all__ = ["GpaForConditionalGeneration", "GpaGenerateOutput"]
+__all__ = ["GpaForConditionalGeneration", "GpaGenerateOutput", "cast_audio_tokenizer"]

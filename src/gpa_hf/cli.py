@@ -310,8 +310,9 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         "--static-decoding",
         dest="static_decoding",
         action="store_true",
-        help="decode over a static KV cache; on GPU the prompt, each step and the codec are CUDA graphs (several "
-        "times faster there); --stream always does",
+        help="decode in gpa-hf's own loop: on GPU the prompt, each step and the codec are CUDA graphs over a static "
+        "KV cache (several times faster there); on CPU the steps run in the caller's thread over an appending cache "
+        "(the fastest batch-1 path there); --stream always does",
     )
     parser.add_argument(
         "--compile", dest="compile_decoding", action="store_true", help="with --static-decoding: torch.compile it"

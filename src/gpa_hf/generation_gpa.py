@@ -284,9 +284,9 @@ class GpaAppendingCacheLayer(DynamicLayer):
     """A `DynamicLayer` that writes each step's keys and values into spare room instead of concatenating.
 
     `DynamicLayer.update` copies its whole cache at every step (`torch.cat`), so a request's steps copy a cache that
-    grows with it. On CPU that copying is a large share of a decoding step of this small LM (published size, 200
-    semantic tokens after a 75-token prompt, dynamic int8: batch 1 spends 10% of its steps in it, batch 8 23%; see
-    `benchmarks/gpa_speed.py`). This layer keeps keys and values in buffers with room for up to `CACHE_GROWTH` more
+    grows with it. On CPU that copying is a measurable share of a decoding step of this small LM (published size, 200
+    semantic tokens after a 75-token prompt, dynamic int8, 2 cores: it costs batch 1 4-10% of its decoding time,
+    batch 8 about 23%). This layer keeps keys and values in buffers with room for up to `CACHE_GROWTH` more
     positions and hands attention views of their filled part; a full buffer is replaced by a larger one (one copy).
     `DynamicLayer` methods that replace the keys and values (crop, beam reordering, batch selection, offloading)
     keep working: the next update moves what they left into fresh buffers.
@@ -393,8 +393,8 @@ class GpaStaticDecoder:
     sampling draws from the same distribution (Gumbel-max instead of `multinomial`). On CPU the same steps run
     eagerly, which is what the tests compare with `generate`; there, unless the step is compiled, the cache is an
     appending one ([`GpaDecodingCache`]): a step attends over the filled positions only, and, when no prompt is
-    padded, without a mask (masked attention over a cache padded to its full length costs a CPU step up to 40%
-    more at batch 8).
+    padded, without a mask (masked attention over a cache padded to its full length made a batch-8 CPU step 1.7x
+    slower).
 
     One decoder serves one (batch size, cache length, output rows, settings); [`GpaForConditionalGeneration`]
     keeps the last few, so that repeated requests of one shape reuse their graph and cache.

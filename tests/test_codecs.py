@@ -138,6 +138,17 @@ def test_glm_input_is_resampled_from_any_rate(glm_tokenizer, expected):
     assert (resampled == reference).float().mean() > 0.9
 
 
+def test_feature_extractors_round_trip_through_save_pretrained(bicodec, glm_tokenizer, clip_paths, tmp_path):
+    for name, (_, feature_extractor) in {"bicodec": bicodec, "glm": glm_tokenizer}.items():
+        feature_extractor.save_pretrained(tmp_path / name)
+        loaded = type(feature_extractor).from_pretrained(tmp_path / name)
+        assert loaded.to_dict() == feature_extractor.to_dict()
+        expected, got = feature_extractor(clip_paths["000"]), loaded(clip_paths["000"])
+        assert all(torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])) for key in expected)
+    with pytest.raises(ValueError, match="feature_size must be 1, got 2"):
+        type(bicodec[1])(feature_size=2)
+
+
 def test_wav2vec2_layers_past_the_deepest_hidden_state_are_skipped(bicodec, tmp_path):
     """A 6-layer semantic model read at hidden states 1-3 builds 4 layers, gives the full model's tokens, and
     loads a checkpoint that holds all 6 layers."""

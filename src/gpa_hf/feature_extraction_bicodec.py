@@ -52,6 +52,7 @@ class BiCodecFeatureExtractor(SequenceFeatureExtractor):
 
     def __init__(
         self,
+        feature_size: int = 1,
         sampling_rate: int = 16000,
         hop_length: int = 320,
         reference_length: int = 96000,
@@ -60,6 +61,8 @@ class BiCodecFeatureExtractor(SequenceFeatureExtractor):
         padding_value: float = 0.0,
         **kwargs,
     ):
+        if feature_size != 1:
+            raise ValueError(f"BiCodec reads mono waveforms: feature_size must be 1, got {feature_size}")
         super().__init__(feature_size=1, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
         self.hop_length = hop_length
         self.reference_length = reference_length

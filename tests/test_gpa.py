@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import AUDIO, ORIGINAL_CHECKPOINT
-from transformers import AutoModelForCausalLM, AutoProcessor, DynamicCache, pipeline
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+from transformers.cache_utils import DynamicLayer
 
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
@@ -307,11 +308,9 @@ def test_static_cache_generation_equals_dynamic(gpa):
 @pytest.mark.parametrize("task", ["asr", "tts", "vc"])
 def test_appending_cache_generates_what_the_stock_cache_does(gpa, task):
     model, processor = gpa
-    kwargs = {"tts": {"text": [TEXT, "Hi"]}, "asr": {"audio": [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")]}}
-    kwargs = kwargs.get(task) or {"audio": [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")], "voice": TEXT}
-    if task == "vc":
-        kwargs["voice"] = str(AUDIO / "astro.wav")
-    inputs = processor(task=task, **kwargs)  # a left-padded batch
+    clips = [str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")]
+    kwargs = {"tts": {"text": [TEXT, "Hi"]}, "asr": {"audio": clips}, "vc": {"audio": clips, "voice": clips[1]}}
+    inputs = processor(task=task, **kwargs[task])  # a left-padded batch
     results = []
     for cache_implementation in (None, "dynamic"):
         torch.manual_seed(5)
@@ -335,7 +334,7 @@ def test_appending_cache_generates_what_the_stock_cache_does(gpa, task):
 
 def test_appending_cache_layer_follows_crop_and_reorder_like_the_stock_layer():
     torch.manual_seed(0)
-    appending, stock = GpaAppendingCacheLayer(), DynamicCache().layer_class_to_replicate()
+    appending, stock = GpaAppendingCacheLayer(), DynamicLayer()
 
     def step(length: int, batch_size: int = 3) -> None:
         keys, values = torch.randn(batch_size, 2, length, 4), torch.randn(batch_size, 2, length, 4)

@@ -50,6 +50,18 @@ def requests(processor, clips: list[str]) -> dict:
     }
 
 
+def decoder_case(model, processor, clips: list[str], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A task's left-padded prompts with their audio codes filled in, their mask, and the task's output rows."""
+    inputs = requests(processor, clips)[task]
+    input_ids = model.fill_audio_tokens(
+        inputs["input_ids"],
+        inputs["audio_input_mask"],
+        **{name: inputs[name] for name in inputs if name not in ("input_ids", "attention_mask", "audio_input_mask")},
+    )
+    rows = allowed_token_mask(task, model.config.layout, model.config.vocab_size).nonzero().squeeze(-1)
+    return input_ids, inputs["attention_mask"], rows
+
+
 @pytest.mark.parametrize("task", ["tts", "asr", "vc"])
 @pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
 def test_greedy_static_decoding_equals_generate(tiny, clips, task, repetition_penalty):
@@ -121,21 +133,14 @@ def test_result_does_not_depend_on_how_often_the_host_checks(tiny):
 def test_prompts_padded_to_a_multiple_give_the_same_tokens(tiny, clips, task):
     """CUDA pads prompts to a multiple of 32 tokens (one prefill graph per multiple): the result must not change."""
     model, processor = tiny
-    inputs = requests(processor, clips)[task]
-    input_ids = model.fill_audio_tokens(
-        inputs["input_ids"],
-        inputs["audio_input_mask"],
-        **{name: inputs[name] for name in inputs if name not in ("input_ids", "attention_mask", "audio_input_mask")},
-    )
+    input_ids, attention_mask, rows = decoder_case(model, processor, clips, task)
     assert input_ids.shape[1] % 32 != 0
-    layout = model.config.layout
-    rows = allowed_token_mask(task, layout, model.config.vocab_size).nonzero().squeeze(-1)
     settings = StaticDecodingSettings(False, 1.0, 0, 1.0, 1.2, 0)
     budgets = torch.full((input_ids.shape[0],), 60)
     outputs = [
         GpaStaticDecoder(
-            model, rows, layout.stop, 0, input_ids.shape[0], 512, settings, prefill_multiple=multiple
-        ).decode(input_ids, inputs["attention_mask"], budgets, 61)
+            model, rows, model.config.layout.stop, 0, input_ids.shape[0], 512, settings, prefill_multiple=multiple
+        ).decode(input_ids, attention_mask, budgets, 61)
         for multiple in (1, 32)
     ]
     assert torch.equal(outputs[0], outputs[1])
@@ -145,22 +150,17 @@ def test_prompts_padded_to_a_multiple_give_the_same_tokens(tiny, clips, task):
 def test_appending_and_static_caches_decode_the_same_tokens(tiny, clips, task):
     """On CPU the decoder appends to a dynamic cache (no mask for an unpadded prompt); CUDA uses a static one."""
     model, processor = tiny
-    inputs = requests(processor, clips)[task]
-    input_ids = model.fill_audio_tokens(
-        inputs["input_ids"],
-        inputs["audio_input_mask"],
-        **{name: inputs[name] for name in inputs if name not in ("input_ids", "attention_mask", "audio_input_mask")},
-    )
-    layout = model.config.layout
-    rows = allowed_token_mask(task, layout, model.config.vocab_size).nonzero().squeeze(-1)
+    input_ids, attention_mask, rows = decoder_case(model, processor, clips, task)
     settings = StaticDecodingSettings(False, 1.0, 0, 1.0, 1.2, 0)
-    longest = int(inputs["attention_mask"].sum(-1).argmax())
-    unpadded = (input_ids[longest : longest + 1], inputs["attention_mask"][longest : longest + 1])
-    for prompts, mask in ((input_ids, inputs["attention_mask"]), unpadded):
+    longest = int(attention_mask.sum(-1).argmax())
+    unpadded = (input_ids[longest : longest + 1], attention_mask[longest : longest + 1])
+    for prompts, mask in ((input_ids, attention_mask), unpadded):
         assert mask.all() != (prompts.shape[0] > 1)  # a left-padded batch, then its longest prompt alone
         budgets = torch.full((prompts.shape[0],), 60)
         decoders = [
-            GpaStaticDecoder(model, rows, layout.stop, 0, prompts.shape[0], 512, settings, static_cache=static)
+            GpaStaticDecoder(
+                model, rows, model.config.layout.stop, 0, prompts.shape[0], 512, settings, static_cache=static
+            )
             for static in (False, True)
         ]
         assert isinstance(decoders[0].cache, GpaDecodingCache)

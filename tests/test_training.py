@@ -515,6 +515,10 @@ def test_speaker_judge_trains_checks_unheard_voices_and_serves_eval(tmp_path, mo
             rows.append({"task": "stt", "audio": name, "text": "one", "speaker": f"voice{voice}"})
     # voice0 is the voice kept out (the first of every ten, by name): a conversion row targets it
     rows.append({"task": "vc", "audio": "wav/v5_0.wav", "vc_audio": "wav/v0_1.wav", "ref_audio": "wav/v0_0.wav"})
+    write_jsonl(tmp_path / "train.jsonl", [{k: v for k, v in row.items() if k != "speaker"} for row in rows])
+    monkeypatch.setattr(sys, "argv", ["train_speaker_judge.py", "--corpus", str(tmp_path)])
+    with pytest.raises(ValueError, match="got 20 stt rows, 20 without a speaker"):
+        train_speaker_judge.main()
     write_jsonl(tmp_path / "train.jsonl", rows)
     judge = tmp_path / "judge"
     argv = ["train_speaker_judge.py", "--corpus", str(tmp_path), "--output-dir", str(judge), "--steps", "2"]

@@ -14,7 +14,14 @@ from transformers.cache_utils import DynamicLayer
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
-from gpa_hf.generation_gpa import CACHE_GROWTH, GpaAppendingCacheLayer, GpaDecodingCache, allowed_token_mask
+from gpa_hf.generation_gpa import (
+    CACHE_GROWTH,
+    CODEC_FRAMES_PER_CALL,
+    GpaAppendingCacheLayer,
+    GpaDecodingCache,
+    allowed_token_mask,
+    codec_call_groups,
+)
 from gpa_hf.modeling_gpa import GpaInt8OutputLayer
 from gpa_hf.pipelines import split_sentences
 
@@ -213,6 +220,41 @@ def test_waveform_length_is_320_per_semantic_token(gpa):
         new = sequence[inputs["input_ids"].shape[1] :]
         semantic = ((new >= layout.semantic_offset) & (new < layout.semantic_offset + layout.semantic_size)).sum()
         assert audio.shape == (320 * int(semantic),)
+
+
+def test_codec_call_groups_cover_every_item_once_within_the_frame_budget():
+    lengths = [150, 90, 1, 60, 250, 90, 40]
+    groups = codec_call_groups(lengths, frames_per_call=200)
+    assert sorted(index for group in groups for index in group) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 200
+    assert groups[0] == [4] and [lengths[i] for i in groups[1]] == [150]  # longest first, alone when over budget
+    assert codec_call_groups([10] * 8, frames_per_call=200) == [list(range(8))]
+
+
+def test_decode_audio_in_groups_equals_one_batched_codec_call(gpa):
+    model, processor = gpa
+    layout = model.config.layout
+    inputs = processor(task="tts", text=["Hi"] * 4)
+    prompt = inputs["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    lengths = [150, 90, 0, 60]  # 300 frames in all: decoded as [150], [90, 60]; the empty request is skipped
+    assert sum(lengths) > CODEC_FRAMES_PER_CALL
+    rows = []
+    for length in lengths:
+        codes = torch.randint(0, layout.semantic_size, (length,), generator=generator) + layout.semantic_offset
+        stop = torch.full((max(lengths) - length + 1,), layout.stop)
+        rows.append(torch.cat([codes, stop]))
+    sequences = torch.cat([prompt, torch.stack(rows)], dim=1)
+    with pytest.warns(UserWarning, match=r"requests \[2\] produced no audio tokens"):
+        waveforms = model.decode_audio(sequences, prompt.shape[1])
+    semantic = torch.stack([row[: max(lengths)] for row in rows]) - layout.semantic_offset
+    voices = torch.stack([layout.block_codes(row, "global") for row in prompt])
+    batched = model.synthesize(semantic.clamp(min=0), voices, torch.tensor(lengths))
+    hop = model.config.bicodec_config.hop_length
+    for waveform, reference, length in zip(waveforms, batched, lengths):
+        assert waveform.shape == (length * hop,)
+        torch.testing.assert_close(waveform, reference[: length * hop], atol=1e-4, rtol=1e-4)
 
 
 def test_caller_sampling_settings_override_task_defaults(gpa):

@@ -284,7 +284,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if self.device.type == "cpu":
             groups = [[voiced[item] for item in group] for group in codec_call_groups([lengths[i] for i in voiced])]
         else:
-            groups = [voiced]
+            groups = [voiced] if voiced else []
         for group in groups:
             padded = torch.nn.utils.rnn.pad_sequence([semantic[index] for index in group], batch_first=True)
             group_lengths = torch.tensor([lengths[index] for index in group], device=sequences.device)

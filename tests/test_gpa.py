@@ -230,6 +230,7 @@ def test_codec_call_groups_cover_every_item_once_within_the_frame_budget():
         assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 200
     assert groups[0] == [4] and [lengths[i] for i in groups[1]] == [150]  # longest first, alone when over budget
     assert codec_call_groups([10] * 8, frames_per_call=200) == [list(range(8))]
+    assert codec_call_groups([0, 30, 0, 20], frames_per_call=200) == [[1, 3]]  # nothing to decode for length 0
 
 
 def test_decode_audio_in_groups_equals_one_batched_codec_call(gpa):

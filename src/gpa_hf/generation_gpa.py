@@ -709,13 +709,16 @@ def codec_graph_frames(frames: int) -> int | None:
 CODEC_FRAMES_PER_CALL = 200
 
 
-def codec_call_groups(lengths: list[int], frames_per_call: int = CODEC_FRAMES_PER_CALL) -> list[list[int]]:
+def codec_call_groups(lengths: list[int], frames_per_call: float = CODEC_FRAMES_PER_CALL) -> list[list[int]]:
     """Items (indices into `lengths`) to decode together: similar lengths, at most `frames_per_call` padded frames.
 
-    Each group holds at least one item, however long. Items are taken longest first, so little padding is decoded.
+    Each group holds at least one item, however long; items of length 0 have nothing to decode and are left out.
+    Items are taken longest first, so little padding is decoded.
     """
     groups: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda item: -lengths[item]):
+        if not lengths[index]:
+            break
         # The group's first item is its longest: its padded size is (items + 1) x that length.
         if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= frames_per_call:
             groups[-1].append(index)

@@ -21,6 +21,7 @@ from .configuration_gpa import GpaConfig
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     CACHE_ARGUMENT,
+    CODEC_FRAMES_PER_CALL,
     STATIC_DECODING_SYNC_EVERY,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
@@ -279,13 +280,9 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         lengths = [codes.numel() for codes in semantic]
         hop = self.config.bicodec_config.hop_length
         waveforms = [torch.zeros(0) for _ in semantic]
-        voiced = [index for index, length in enumerate(lengths) if length]
         # On CPU, calls of similar lengths and bounded size decode faster than one call for the batch.
-        if self.device.type == "cpu":
-            groups = [[voiced[item] for item in group] for group in codec_call_groups([lengths[i] for i in voiced])]
-        else:
-            groups = [voiced] if voiced else []
-        for group in groups:
+        frames_per_call = CODEC_FRAMES_PER_CALL if self.device.type == "cpu" else math.inf
+        for group in codec_call_groups(lengths, frames_per_call):
             padded = torch.nn.utils.rnn.pad_sequence([semantic[index] for index in group], batch_first=True)
             group_lengths = torch.tensor([lengths[index] for index in group], device=sequences.device)
             voice = torch.stack([voices[index] for index in group])

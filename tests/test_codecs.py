@@ -93,6 +93,28 @@ def test_bicodec_batched_decode_equals_reference(bicodec, expected):
         assert torch.all(out.audio_values[index, length:] == 0)
 
 
+def test_wave_generator_inference_forms_equal_dac_modules_and_train(bicodec, expected):
+    """Without autograd the wave generator computes Snake and residuals in place and skips all-ones masks: the
+    audio is bit-identical to DAC's out-of-place modules (which run under autograd), and gradients still flow."""
+    model, _ = bicodec
+    codes = expected[f"{CLIPS[0]}.semantic_tokens"][None]
+    global_codes = expected[f"{CLIPS[0]}.global_tokens"]
+    mask = torch.ones(1, 1, codes.shape[1])
+    with torch.no_grad():
+        inputs = model.decoder_inputs(codes, global_codes, mask)
+        in_place = model.decoder(inputs, None)
+        assert torch.equal(in_place, model.decoder(inputs, mask))
+    try:
+        out_of_place = model.decoder(inputs, mask)
+        assert out_of_place.requires_grad
+        assert torch.equal(in_place, out_of_place.detach())
+        out_of_place.square().sum().backward()
+        snakes = [module for module in model.decoder.modules() if hasattr(module, "alpha")]
+        assert snakes and all(snake.alpha.grad is not None and snake.alpha.grad.abs().sum() > 0 for snake in snakes)
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("clip", CLIPS)
 def test_glm_tokenizer_matches_reference(glm_tokenizer, clip_paths, expected, clip):
     model, feature_extractor = glm_tokenizer

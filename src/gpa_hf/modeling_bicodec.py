@@ -477,23 +477,62 @@ class BiCodecPrenet(nn.Module):
         return self.linear(hidden_states).transpose(1, 2)
 
 
+class BiCodecSnake1d(Snake1d):
+    """DAC's Snake activation, `x + sin(alpha * x)^2 / alpha`, computed in place of one new tensor at inference.
+
+    The wave generator's activations are its largest tensors (96 channels x 16,000 samples per second of audio),
+    and `Snake1d` makes four new ones of that size per call: on CPU its passes over memory took about as long as the
+    convolutions around them. In place, the values are bit-identical and the call about 2x faster. With autograd
+    recording, the parent's out-of-place form runs.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.alpha.requires_grad):
+            return super().forward(hidden_states)
+        activation = torch.sin(self.alpha * hidden_states)
+        return activation.mul_(activation).mul_((self.alpha + 1e-9).reciprocal()).add_(hidden_states)
+
+
+class BiCodecResidualUnit(DacResidualUnit):
+    """DAC's residual unit with [`BiCodecSnake1d`]; the residual is added in place (same values, one tensor fewer).
+
+    Its convolutions keep the length ("same" padding), so the residual needs no crop; adding into the last
+    convolution's fresh output is safe under autograd too.
+    """
+
+    def __init__(self, dimension: int, dilation: int):
+        super().__init__(dimension, dilation)
+        self.snake1 = BiCodecSnake1d(dimension)
+        self.snake2 = BiCodecSnake1d(dimension)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.snake2(self.conv1(self.snake1(hidden_state)))).add_(hidden_state)
+
+
+def apply_mask(hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded frames (`mask` None: a batch without padding, nothing to zero)."""
+    return hidden_states if mask is None else hidden_states * mask
+
+
 class BiCodecDecoderBlock(nn.Module):
     """Snake, transposed conv upsampling by `stride`, three dilated DAC residual units."""
 
     def __init__(self, input_dim: int, output_dim: int, kernel_size: int, stride: int):
         super().__init__()
         self.stride = stride
-        self.snake = Snake1d(input_dim)
+        self.snake = BiCodecSnake1d(input_dim)
         self.conv_t = nn.ConvTranspose1d(
             input_dim, output_dim, kernel_size, stride=stride, padding=(kernel_size - stride) // 2
         )
-        self.res_units = nn.ModuleList([DacResidualUnit(output_dim, dilation) for dilation in (1, 3, 9)])
+        self.res_units = nn.ModuleList([BiCodecResidualUnit(output_dim, dilation) for dilation in (1, 3, 9)])
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states = self.conv_t(self.snake(hidden_states) * mask)
-        mask = mask.repeat_interleave(self.stride, dim=-1)
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states = self.conv_t(apply_mask(self.snake(hidden_states), mask))
+        mask = None if mask is None else mask.repeat_interleave(self.stride, dim=-1)
         for unit in self.res_units:
-            hidden_states = unit(hidden_states * mask)
+            hidden_states = unit(apply_mask(hidden_states, mask))
         return hidden_states, mask
 
 
@@ -511,20 +550,23 @@ class BiCodecWaveGenerator(nn.Module):
             ]
         )
         output_dim = channels // 2 ** len(config.upsampling_rates)
-        self.snake_out = Snake1d(output_dim)
+        self.snake_out = BiCodecSnake1d(output_dim)
         self.conv_out = nn.Conv1d(output_dim, 1, kernel_size=7, padding=3)
 
     def forward(
-        self, hidden_states: torch.Tensor, mask: torch.Tensor, harmonics: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, harmonics: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`harmonics` `(batch, frames * hop)`: the harmonic synthesiser's signal, added before the output's tanh."""
-        hidden_states = self.conv_in(hidden_states * mask)
+        """`mask` `(batch, 1, frames)`, None for a batch without padding (every multiplication by it is skipped).
+
+        `harmonics` `(batch, frames * hop)`: the harmonic synthesiser's signal, added before the output's tanh.
+        """
+        hidden_states = self.conv_in(apply_mask(hidden_states, mask))
         for block in self.blocks:
             hidden_states, mask = block(hidden_states, mask)
-        hidden_states = self.conv_out(self.snake_out(hidden_states * mask))
+        hidden_states = self.conv_out(self.snake_out(apply_mask(hidden_states, mask)))
         if harmonics is not None:
             hidden_states = hidden_states + harmonics.unsqueeze(1).to(hidden_states.dtype)
-        return (torch.tanh(hidden_states) * mask).squeeze(1)
+        return apply_mask(torch.tanh(hidden_states), mask).squeeze(1)
 
 
 class BiCodecPitchPredictor(nn.Module):
@@ -863,6 +905,10 @@ class BiCodecModel(BiCodecPreTrainedModel):
         if self.harmonic_synthesizer is not None:
             pitch = self.pitch_of_decoder_inputs(hidden_states, mask)
             harmonics = self.harmonic_synthesizer(hidden_states, mask, pitch.frequencies, pitch.voiced, initial_phase)
+        # Without padding, the wave generator's masking is a multiplication by ones at every layer: skipped. Checking
+        # reads the mask on the host, which a CUDA graph being captured cannot, so only CPU batches are checked.
+        if mask.device.type == "cpu" and bool(mask.all()):
+            mask = None
         return self.decoder(hidden_states, mask, harmonics)
 
     def forward(

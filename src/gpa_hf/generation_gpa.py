@@ -704,8 +704,9 @@ def codec_graph_frames(frames: int) -> int | None:
 
 
 # Without CUDA graphs, a codec call decodes at most about this many token frames (items x padded length): on CPU the
-# wave generator's activations then stay in cache. Published-size BiCodec, 8 items of 200 tokens, 2 cores: one call
-# of 8 took 20-21 s, eight calls of 1 took 12.9 s; items of 50 tokens decode fastest 2-4 at a time.
+# wave generator's activations then stay in cache. Published-size BiCodec, 8 items of 200 tokens, 2 cores: eight
+# calls of 1 took 11.2-11.7 s, four of 2 took 14.0-14.3 s, one of 8 took 14.1-16.5 s (20-21 s before the wave
+# generator's activations ran in place); items of 50 tokens decode fastest 2-4 at a time.
 CODEC_FRAMES_PER_CALL = 200
 
 

@@ -38,12 +38,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--output", default="gpa_gpu_profile.json")
     parser.add_argument("--compile-mode", help="torch.compile mode of the decoding step (default: its default)")
+    parser.add_argument(
+        "--unfused", action="store_true", help="keep the stock separate projections (no `fuse_projections`)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this profile needs a CUDA device")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = published_gpa(["tts"])
+    if not args.unfused:
+        model.fuse_projections()
     model.model.to(torch.bfloat16)
     model.lm_head.to(torch.bfloat16)
     clip = (0.1 * np.random.default_rng(0).standard_normal(4 * 16000)).astype(np.float32)
@@ -119,6 +124,7 @@ def main() -> None:
         print(f"  {micros:8.1f}  {name[:100]}")
     with open(args.output, "w") as handle:
         summary = {"device": torch.cuda.get_device_name(), "compile_mode": args.compile_mode or "default"}
+        summary.update(fused_projections=not args.unfused)
         summary.update(tokens=args.tokens, results=results)
         json.dump(summary, handle, indent=2)
 

@@ -112,7 +112,7 @@ def peak_rss_gb() -> float:
 
 def tts_only_memory(tokens: int) -> None:
     """Child process: load a TTS-only GPA, serve one request, print the peak resident memory."""
-    model = published_gpa(["tts"])
+    model = published_gpa(["tts"]).fuse_projections()
     voice = torch.randint(0, 4096, (1, 32))
     with torch.inference_mode():
         output = model.generate(tts_prompt(voice, 1), task="tts", output_audio=True, **exact_length(tokens))
@@ -188,6 +188,7 @@ def main() -> None:
         reference_lm.to("meta")  # frees its weights
 
         # ---- gpa-hf ------------------------------------------------------------------------------------------
+        model.fuse_projections()
         speaker_seconds, voice = clock(lambda: model.bicodec.encode_speaker(voice_inputs["reference_values"]))
         voice = voice.global_codes
         record("gpa_voice_s", "gpa-hf: voice via the speaker path only (once per voice)", speaker_seconds, "s")

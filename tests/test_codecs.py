@@ -330,6 +330,28 @@ def test_harmonic_phase_carries_across_windows(bicodec, expected):
     assert (restarted - whole[20 * 320 :]).abs().max() > 0.1
 
 
+def test_pitch_path_runs_without_tf32_and_restores_the_settings(bicodec, expected):
+    """The layers the pitch comes from run in full float32 (on CUDA, TF32 rounding drifts a clip's phase: 21 dB
+    between a padded and an unpadded decode on an H100, 78 dB without it); the caller's settings come back."""
+    codec = codec_with_harmonics(bicodec)
+    seen = []
+
+    def record(*args) -> None:
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    for module in (codec.prenet, codec.pitch_predictor):
+        module.register_forward_pre_hook(record)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad():
+            codec.decode(expected["000.semantic_tokens"][None], expected["000.global_tokens"])
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [(False, False), (False, False)] and after == (True, True)
+
+
 def test_codec_with_harmonics_batches_and_round_trips(bicodec, expected, tmp_path):
     from gpa_hf import BiCodecModel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from gpa_hf.generation_gpa import (
     allowed_token_mask,
     codec_call_groups,
 )
-from gpa_hf.modeling_gpa import GpaInt8OutputLayer
+from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaFusedAttention, GpaFusedMLP, GpaInt8OutputLayer
 from gpa_hf.pipelines import split_sentences
 
 TEXT = "Hello world, this is Major Tom speaking."
@@ -120,6 +121,50 @@ def test_eager_and_sdpa_logits_agree(converted):
         with torch.no_grad():
             logits[implementation] = model(ids).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_fused_projections_keep_logits_checkpoints_and_training(converted, tmp_path, implementation):
+    model = GpaForConditionalGeneration.from_pretrained(converted, attn_implementation=implementation).eval()
+    fused = GpaForConditionalGeneration.from_pretrained(converted, attn_implementation=implementation).eval()
+    fused.fuse_projections()
+    assert isinstance(fused.model.layers[0].self_attn, GpaFusedAttention)
+    assert isinstance(fused.model.layers[0].mlp, GpaFusedMLP) and not hasattr(fused.model.layers[0].mlp, "up_proj")
+    ids = torch.arange(0, 600, 7)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # The checkpoint keeps the published key names, and both directions load.
+    expected = model.state_dict()
+    state = fused.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    fused.save_pretrained(tmp_path)
+    reloaded = GpaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in expected.items())
+    blank = GpaForConditionalGeneration.from_pretrained(converted).fuse_projections()
+    torch.nn.init.zeros_(blank.model.layers[0].self_attn.qkv_proj.weight)
+    blank.load_state_dict(expected)
+    blank_weight, fused_weight = (m.model.layers[0].self_attn.qkv_proj.weight for m in (blank, fused))
+    assert torch.equal(blank_weight, fused_weight)
+    fused.train()
+    fused(input_ids=ids, labels=ids).loss.backward()
+    assert fused.model.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
+
+
+def test_int8_fused_layers_quantize_as_their_parts(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    parts = GpaForConditionalGeneration.from_pretrained(converted).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts.model.layers = torch.ao.quantization.quantize_dynamic(
+            parts.model.layers, {torch.nn.Linear: INT8_QCONFIG}, dtype=torch.qint8
+        )
+    model.quantize_lm_dynamic_int8()
+    assert isinstance(model.model.layers[0].self_attn, GpaFusedAttention)
+    ids = torch.arange(0, 600, 7)[None]
+    with torch.no_grad():
+        assert torch.equal(model.model(ids).last_hidden_state, parts.model(ids).last_hidden_state)
+    with pytest.raises(ValueError, match=r"before quantization; found q_proj: Linear"):
+        parts.fuse_projections()
 
 
 def test_half_precision_load_keeps_codecs_float32(converted):
@@ -471,7 +516,7 @@ def test_dynamic_int8_lm_keeps_codecs_float32_and_logits_close(converted):
         with model.allowed_rows_output(allowed):
             constrained = model(ids).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(reference, quantized, dim=0) > 0.99
-    assert type(model.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+    assert type(model.model.layers[0].mlp.gate_up_proj) is not torch.nn.Linear
     assert isinstance(model.lm_head, GpaInt8OutputLayer)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     torch.testing.assert_close(constrained[allowed], hidden @ model.lm_head.weight[allowed].T)

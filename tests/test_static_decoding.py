@@ -74,7 +74,9 @@ def test_greedy_static_decoding_equals_generate(tiny, clips, task, repetition_pe
 
 def test_static_asr_reads_an_int8_output_layer_as_generate_does(clips):
     model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().quantize_lm_dynamic_int8()
-    inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task="asr", audio=clips[:3])
+    # One prompt: dynamic int8 quantizes each product's input with one scale for the whole batch, so what the two
+    # loops compute at padding positions (unused either way) could round a batch's real rows differently.
+    inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task="asr", audio=clips[0])
     expected = model.generate(**inputs, do_sample=False)
     assert torch.equal(model.generate(**inputs, do_sample=False, static_decoding=True), expected)
     (decoder,) = model.static_decoders.values()
@@ -235,11 +237,13 @@ def test_unsupported_settings_are_named(tiny):
         model.generate(**inputs, static_decoding=True, logits_processor=LogitsProcessorList([TopKLogitsWarper(3)]))
 
 
-@pytest.fixture(scope="module")
-def tiny_on_gpu():
+@pytest.fixture(scope="module", params=["stock", "fused"])
+def tiny_on_gpu(request):
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a CUDA device")
     model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().to("cuda")
+    if request.param == "fused":
+        model.fuse_projections()
     return model, GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
 
 

@@ -43,9 +43,9 @@ def load_gpa(
 ):
     """A published-layout folder (converted in memory) or a gpa-hf folder / Hub id -> (model, processor).
 
-    On a GPU the LM runs in bfloat16 (the audio tokenizers stay float32); on CPU everything is float32, or with
-    `int8` the LM is dynamic int8 (`quantize_lm_dynamic_int8`). `audio_tokenizers_dtype` casts the audio
-    tokenizers (`cast_audio_tokenizers`).
+    The model is for inference: its projections are fused (`fuse_projections`). On a GPU the LM runs in bfloat16
+    (the audio tokenizers stay float32); on CPU everything is float32, or with `int8` the LM is dynamic int8
+    (`quantize_lm_dynamic_int8`). `audio_tokenizers_dtype` casts the audio tokenizers (`cast_audio_tokenizers`).
     """
     from .convert_gpa_original_to_hf import is_original_layout, load_original_gpa
     from .modeling_gpa import GpaForConditionalGeneration
@@ -57,7 +57,7 @@ def load_gpa(
     else:
         model = GpaForConditionalGeneration.from_pretrained(model_path, tasks=list(tasks), dtype=dtype).eval()
         processor = GpaProcessor.from_pretrained(model_path)
-    model.to(device)
+    model.to(device).fuse_projections()
     if audio_tokenizers_dtype is not None:
         model.cast_audio_tokenizers(audio_tokenizers_dtype)
     return (model.quantize_lm_dynamic_int8() if int8 else model), processor

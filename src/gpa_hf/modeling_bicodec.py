@@ -9,7 +9,9 @@ briefly trained decoder periodic voiced speech.
 """
 
 import copy
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -583,6 +585,27 @@ class BiCodecPitchPredictor(nn.Module):
         return math.log(PITCH_REFERENCE_HZ) + output[:, 0], output[:, 1]
 
 
+def without_tf32(function: Callable) -> Callable:
+    """Run `function` with TF32 off for CUDA float32 convolutions and matrix products.
+
+    The harmonic synthesiser integrates the predicted pitch into phase over a whole clip, so the pitch's rounding
+    error grows with the clip: with TF32 (10-bit mantissa) convolutions, two decodes of one clip that cuDNN runs with
+    different algorithms (padded to another length, or in a CUDA graph) drift apart in phase. What feeds the pitch
+    runs at token rate, a small share of a decode, so it runs in full float32.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    return wrapper
+
+
 def harmonic_frame_phases(
     frequencies: torch.Tensor, hop_length: int, sampling_rate: int, initial_phase: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -859,6 +882,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         output = BiCodecDecoderOutput(audio_values=audio, audio_lengths=semantic_lengths * self.config.hop_length)
         return output if return_dict else output.to_tuple()
 
+    @without_tf32
     def decoder_inputs(
         self, semantic_codes: torch.LongTensor, global_codes: torch.LongTensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -867,6 +891,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         d_vector = self.speaker_embedding(global_codes)
         return self.prenet(latents, d_vector, mask) + d_vector.unsqueeze(-1)
 
+    @without_tf32
     def pitch_of_decoder_inputs(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> BiCodecPitchOutput:
         """`pitch` from the wave generator's input (`decoder_inputs`), for callers that have it already."""
         log_frequencies, voicing_logits = self.pitch_predictor(hidden_states, mask)

@@ -163,7 +163,7 @@ def test_int8_fused_layers_quantize_as_their_parts(converted):
     ids = torch.arange(0, 600, 7)[None]
     with torch.no_grad():
         assert torch.equal(model.model(ids).last_hidden_state, parts.model(ids).last_hidden_state)
-    with pytest.raises(ValueError, match=r"before quantization; found q_proj: Linear"):
+    with pytest.raises(ValueError, match=r"fuse before quantizing\); found q_proj: torch\.ao\.nn\.quantized\.dynamic"):
         parts.fuse_projections()
 
 

@@ -56,8 +56,9 @@ from .processing_gpa import AUDIO_INPUT_NAMES, GLM_PLACEHOLDER, GLOBAL_PLACEHOLD
 # Such layers are cheap, so all of them run in float32.
 BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP = 16
 
-# Dynamic int8 with one weight scale per output row: as fast as one per tensor (fbgemm, 2 cores) and closer to
-# float32, and a fused layer's rows quantize as those of its parts would.
+# Dynamic int8 with one weight scale per output row: as fast as one per tensor (fbgemm, 2 cores), closer to float32
+# (relative error of the last hidden states: gpa-tiny 4.4% against 4.6%, published size with random weights 5.9%
+# against 6.6%), and a fused layer's rows quantize as those of its parts would.
 INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
 
 

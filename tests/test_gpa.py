@@ -150,6 +150,24 @@ def test_fused_projections_keep_logits_checkpoints_and_training(converted, tmp_p
     assert fused.model.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
 
 
+def test_fused_projections_carry_attention_biases(converted):
+    model = GpaForConditionalGeneration.from_pretrained(converted, attention_bias=True).eval()
+    attention = model.model.layers[0].self_attn
+    for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
+        torch.nn.init.normal_(layer.bias)
+    ids = torch.arange(0, 600, 7)[None]
+    expected = model.state_dict()
+    with torch.no_grad():
+        logits = model(ids).logits
+        model.fuse_projections()
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
+    state = model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    fused = model.model.layers[0].self_attn
+    assert model.fuse_projections().model.layers[0].self_attn is fused  # a second call changes nothing
+    assert fused.qkv_proj.bias.shape == (sum(fused.projection_sizes),)
+
+
 def test_int8_fused_layers_quantize_as_their_parts(converted):
     model = GpaForConditionalGeneration.from_pretrained(converted).eval()
     parts = GpaForConditionalGeneration.from_pretrained(converted).eval()

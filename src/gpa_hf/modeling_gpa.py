@@ -123,35 +123,42 @@ class GpaInt8OutputLayer(torch.nn.Module):
 
 
 def fuse_linear_layers(module: torch.nn.Module, fused_name: str, names: tuple[str, ...]) -> list[int]:
-    """Replace `module`'s linear layers `names` (same input, no bias) by one, `fused_name`; returns their sizes.
+    """Replace `module`'s linear layers `names` (same input) by one, `fused_name`; returns their output sizes.
 
-    `state_dict` still names the original layers (the fused weight is split back into copies), and
+    `state_dict` still names the original layers (the fused parameters are split back into copies), and
     `load_state_dict` accepts them, so checkpoints keep the published key names.
     """
     layers = [getattr(module, name) for name in names]
-    if any(type(layer) is not torch.nn.Linear or layer.bias is not None for layer in layers):
+    if any(type(layer) is not torch.nn.Linear for layer in layers):
         found = ", ".join(
             f"{name}: {type(layer).__module__}.{type(layer).__name__}" for name, layer in zip(names, layers)
         )
-        raise ValueError(f"can only fuse float nn.Linear layers without bias (fuse before quantizing); found {found}")
+        raise ValueError(f"can only fuse float nn.Linear layers (fuse before quantizing); found {found}")
+    if len({layer.bias is None for layer in layers}) != 1:
+        raise ValueError(f"can only fuse linear layers that all have a bias or none; {', '.join(names)} do not")
+    parameters = ("weight",) if layers[0].bias is None else ("weight", "bias")
     sizes = [layer.out_features for layer in layers]
-    weight = torch.cat([layer.weight.detach() for layer in layers])
-    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    fused.weight = torch.nn.Parameter(weight, requires_grad=layers[0].weight.requires_grad)
+    fused = torch.nn.Linear(layers[0].in_features, sum(sizes), bias=len(parameters) == 2, device="meta")
+    for parameter in parameters:
+        value = torch.cat([getattr(layer, parameter).detach() for layer in layers])
+        requires_grad = getattr(layers[0], parameter).requires_grad
+        setattr(fused, parameter, torch.nn.Parameter(value, requires_grad=requires_grad))
     for name in names:
         delattr(module, name)
     module.add_module(fused_name, fused)
 
     def split(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-        key = f"{prefix}{fused_name}.weight"
-        if key in state_dict:  # absent once the fused layer is quantized (its packed weight cannot be split)
-            for name, part in zip(names, state_dict.pop(key).split(sizes)):
-                state_dict[f"{prefix}{name}.weight"] = part.clone()  # views of one storage would not save
+        for parameter in parameters:
+            key = f"{prefix}{fused_name}.{parameter}"
+            if key in state_dict:  # absent once the fused layer is quantized (its packed weight cannot be split)
+                for name, part in zip(names, state_dict.pop(key).split(sizes)):
+                    state_dict[f"{prefix}{name}.{parameter}"] = part.clone()  # views of one storage would not save
 
     def join(module: torch.nn.Module, state_dict: dict, prefix: str, *args) -> None:
-        keys = [f"{prefix}{name}.weight" for name in names]
-        if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{fused_name}.weight"] = torch.cat([state_dict.pop(key) for key in keys])
+        for parameter in parameters:
+            keys = [f"{prefix}{name}.{parameter}" for name in names]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{fused_name}.{parameter}"] = torch.cat([state_dict.pop(key) for key in keys])
 
     module.register_state_dict_post_hook(split)
     module.register_load_state_dict_pre_hook(join)

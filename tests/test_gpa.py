@@ -348,6 +348,25 @@ def test_pipelines_return_documented_structures(converted):
     assert len(both) == 2
 
 
+def test_pipelines_take_a_gpa_model_object_and_still_require_stock_components(gpa):
+    """A model in memory (after training, say) needs no tokenizer or feature extractor: its processor is found by the
+    model's name, or passed. Other models still need theirs, as the stock pipelines require."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    model, processor = gpa
+    short = {"max_new_tokens": 12}
+    speech = pipeline("text-to-speech", model=model)("Hello world.", generate_kwargs=short)
+    assert speech["sampling_rate"] == 16000 and speech["audio"].size > 0
+    asr = pipeline("automatic-speech-recognition", model=model, processor=processor)
+    assert set(asr(str(AUDIO / "000.wav"), generate_kwargs=short)) == {"text"}
+    tiny_ctc = Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8,),
+        conv_stride=(5,), conv_kernel=(10,), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="needs tokenizer=, feature_extractor= for a Wav2Vec2ForCTC"):
+        pipeline("automatic-speech-recognition", model=Wav2Vec2ForCTC(tiny_ctc))
+
+
 def test_split_sentences_keeps_all_text():
     text = "First sentence. Second one! Third? " * 20
     pieces = split_sentences(text, max_characters=60)

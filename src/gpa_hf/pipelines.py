@@ -45,9 +45,19 @@ def split_sentences(text: str, max_characters: int = MAX_SENTENCE_CHARACTERS) ->
 
 
 class GpaPipelineMixin:
-    """Runs GPA requests in groups of `batch_size`, each group as one batched `generate` call."""
+    """Runs GPA requests in groups of `batch_size`, each group as one batched `generate` call.
 
-    task_name: str
+    A GPA model needs only its processor, found by the model's name when not given, so the subclasses load the stock
+    pipelines' tokenizer and feature extractor only where they can (`pipeline(task, model=model_object)` works for a
+    model in memory, e.g. after `Trainer`); for other models they still require them, as the stock pipelines do.
+    """
+
+    @staticmethod
+    def _require_components(model, components: dict, names: tuple[str, ...]) -> None:
+        missing = [name for name in names if components.get(name) is None]
+        if missing and not isinstance(model, GpaForConditionalGeneration):
+            needed = ", ".join(f"{name}=" for name in missing)
+            raise ValueError(f"this pipeline needs {needed} for a {type(model).__name__}: pass them to pipeline()")
 
     def _setup_gpa(self) -> None:
         if not isinstance(self.processor, GpaProcessor):
@@ -78,8 +88,11 @@ class GpaTextToAudioPipeline(GpaPipelineMixin, TextToAudioPipeline):
     text is split at sentence ends, the pieces generated as one batch, and their audio joined.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    _load_tokenizer = None  # required for other models in `__init__`
+
+    def __init__(self, model, *args, **kwargs):
+        self._require_components(model, kwargs, ("tokenizer",))
+        super().__init__(model, *args, **kwargs)
         self.is_gpa = isinstance(self.model, GpaForConditionalGeneration)
         if self.is_gpa:
             self._setup_gpa()
@@ -121,7 +134,10 @@ class GpaAutomaticSpeechRecognitionPipeline(GpaPipelineMixin, AutomaticSpeechRec
     Audio of any length: the GLM tokenizer reads it in 30 s pieces and the length budget follows the duration.
     """
 
+    _load_tokenizer = _load_feature_extractor = None  # required for other models in `__init__`
+
     def __init__(self, model, *args, **kwargs):
+        self._require_components(model, kwargs, ("tokenizer", "feature_extractor"))
         self.is_gpa = isinstance(model, GpaForConditionalGeneration)
         if self.is_gpa:
             Pipeline.__init__(self, model, *args, **kwargs)

@@ -54,8 +54,9 @@ class GpaPipelineMixin:
 
     @staticmethod
     def _require_components(model, components: dict, names: tuple[str, ...]) -> None:
+        """For a model other than GPA: raise unless the stock pipeline's `names` are among `components`."""
         missing = [name for name in names if components.get(name) is None]
-        if missing and not isinstance(model, GpaForConditionalGeneration):
+        if missing:
             needed = ", ".join(f"{name}=" for name in missing)
             raise ValueError(f"this pipeline needs {needed} for a {type(model).__name__}: pass them to pipeline()")
 
@@ -91,9 +92,10 @@ class GpaTextToAudioPipeline(GpaPipelineMixin, TextToAudioPipeline):
     _load_tokenizer = None  # required for other models in `__init__`
 
     def __init__(self, model, *args, **kwargs):
-        self._require_components(model, kwargs, ("tokenizer",))
+        self.is_gpa = isinstance(model, GpaForConditionalGeneration)
+        if not self.is_gpa:
+            self._require_components(model, kwargs, ("tokenizer",))
         super().__init__(model, *args, **kwargs)
-        self.is_gpa = isinstance(self.model, GpaForConditionalGeneration)
         if self.is_gpa:
             self._setup_gpa()
 
@@ -137,13 +139,13 @@ class GpaAutomaticSpeechRecognitionPipeline(GpaPipelineMixin, AutomaticSpeechRec
     _load_tokenizer = _load_feature_extractor = None  # required for other models in `__init__`
 
     def __init__(self, model, *args, **kwargs):
-        self._require_components(model, kwargs, ("tokenizer", "feature_extractor"))
         self.is_gpa = isinstance(model, GpaForConditionalGeneration)
         if self.is_gpa:
             Pipeline.__init__(self, model, *args, **kwargs)
             self.type = "gpa"
             self._setup_gpa()
         else:
+            self._require_components(model, kwargs, ("tokenizer", "feature_extractor"))
             super().__init__(model, *args, **kwargs)
 
     def __call__(self, inputs, generate_kwargs=None, batch_size=None, sampling_rate=None, **kwargs):

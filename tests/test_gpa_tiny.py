@@ -59,14 +59,15 @@ def test_asr_of_held_out_clips_is_close_to_the_transcripts(heldout, capsys):
 
 
 def test_int8_lm_transcribes_about_as_well_as_float32(heldout, capsys):
-    """Int8 rounding may change a word (on the recipe's 100 held-out clips: CER 0.9% against 1.1% in float32)."""
+    """Int8 rounding may change a word (on the recipe's 100 held-out clips: CER 0.9% against 1.1% in float32), eagerly
+    (fbgemm) and in a compiled CPU step (oneDNN's int8 products, its input quantized with all 8 bits)."""
     clips = [row["audio"] for row in heldout]
     rates = []
-    for flags in ([], ["--int8"]):
+    for flags in ([], ["--int8"], ["--int8", "--static-decoding", "--compile"]):
         assert main(["asr", *clips, "--json", *flags]) == 0
         texts = json.loads(capsys.readouterr().out)
         rates.append(error_rate([row["text"] for row in heldout], [texts[clip] for clip in clips], "char"))
-    assert rates[1] <= rates[0] + 0.15, rates
+    assert max(rates[1:]) <= rates[0] + 0.15, rates
 
 
 def test_bfloat16_audio_tokenizers_transcribe_and_speak(heldout, tmp_path, capsys):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from conftest import FIXTURES
+from torch._inductor.utils import run_and_get_code
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
@@ -21,11 +23,13 @@ from gpa_hf.generation_gpa import (
     GpaCudaGraphs,
     GpaDecodingCache,
     GpaStaticDecoder,
+    GpaStepCache,
+    GpaTraceableInt8Linear,
     StaticDecodingSettings,
     allowed_token_mask,
     gumbel_max_sample,
 )
-from gpa_hf.modeling_gpa import GpaInt8OutputLayer
+from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaInt8OutputLayer
 
 HELDOUT = FIXTURES / "gpa_tiny_heldout"
 
@@ -169,6 +173,51 @@ def test_appending_and_static_caches_decode_the_same_tokens(tiny, clips, task):
         outputs = [decoder.decode(prompts, mask, budgets, 61) for decoder in decoders]
         assert torch.equal(outputs[0], outputs[1])
         assert (outputs[0][:, prompts.shape[1] :] != 0).any()
+
+
+def test_compiled_cpu_decoding_equals_the_eager_loop(clips):
+    """A compiled CPU step (one graph; KV buffers read up to the filled length) gives the eager loop's tokens, for an
+    unpadded prompt (no mask) and a padded batch; later requests reuse the compiled code, and a float LM's weights
+    changed in place (training) are read as they are, not as they were when compiled."""
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().fuse_projections()
+    processor = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+    cases = {"tts": processor(task="tts", text=["two two eight five"]), "asr": requests(processor, clips)["asr"]}
+    for task, inputs in cases.items():
+        expected = model.generate(**inputs, task=task, do_sample=False, static_decoding=True)
+        for _ in range(2):
+            result = model.generate(**inputs, task=task, do_sample=False, static_decoding=True, compile_decoding=True)
+            assert torch.equal(result, expected), task
+    decoder = next(decoder for decoder in model.static_decoders.values() if decoder.compiled_on_cpu)
+    assert isinstance(decoder.cache, GpaStepCache)
+    compiled = decoder.step_lm.compiled
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.mul_(0.8)
+    changed = model.generate(**inputs, task="asr", do_sample=False, static_decoding=True)
+    assert not torch.equal(changed, expected)
+    result = model.generate(**inputs, task="asr", do_sample=False, static_decoding=True, compile_decoding=True)
+    assert torch.equal(result, changed)
+    assert decoder.step_lm.compiled is compiled
+
+
+def test_traceable_int8_layer_compiles_to_onednn_int8_products():
+    """The int8 layer of compiled CPU steps: inductor must turn it into oneDNN's int8 product (else a step would
+    dequantize every weight), with the values of its eager form and the float layer's within int8 rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        quantized = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(linear), {torch.nn.Linear: INT8_QCONFIG}, dtype=torch.qint8
+        )[0]
+    layer = GpaTraceableInt8Linear(quantized)
+    inputs = torch.randn(3, 64)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        compiled, code = run_and_get_code(torch.compile(layer), inputs)
+        eager, expected = layer(inputs), linear(inputs)
+    assert "onednn.qlinear_pointwise" in "".join(code)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for result in (compiled, quantized(inputs)):
+        assert (result - expected).norm() / expected.norm() < 0.02
 
 
 def test_a_voice_of_the_wrong_size_is_named(tiny):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.ao.quantization.fx._decomposed  # registers the ops `GpaTraceableInt8Linear` is written in
 from torch import nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, Qwen3Model, StaticCache
 from transformers.cache_utils import DynamicLayer
@@ -337,6 +339,117 @@ class GpaDecodingCache(DynamicCache):
         self.layer_class_to_replicate = GpaAppendingCacheLayer
 
 
+QUANTIZED_DECOMPOSED = torch.ops.quantized_decomposed
+
+
+class GpaTraceableInt8Linear(nn.Module):
+    """A dynamic int8 linear layer that `torch.compile` can trace: for compiled CPU decoding steps.
+
+    torch.ao's dynamic int8 layers (what `quantize_lm_dynamic_int8` makes: fbgemm, fast eagerly) keep their weights
+    in packed objects that dynamo cannot trace, so a compiled step would break its graph at every product. This layer
+    holds the same int8 weights and per-row scales as tensors and spells the product out as quantize (the input, one
+    uint8 scale per call) -> dequantize -> linear. With `torch._inductor.config.freezing`, inductor recognises that
+    pattern and runs oneDNN's int8 product on weights it packs once (VNNI / AMX), with the input's quantization and a
+    following residual addition fused around it. Eagerly it dequantizes the whole weight at every call: it is only
+    meant to be compiled.
+    """
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        weight = quantized.weight()  # qint8, one scale per output row (`INT8_QCONFIG`), zero points 0
+        self.register_buffer("weight", weight.int_repr())
+        self.register_buffer("weight_scale", weight.q_per_channel_scales().float())
+        self.register_buffer("weight_zero_point", weight.q_per_channel_zero_points())
+        self.register_buffer("bias", quantized.bias())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        ops, uint8, int8 = QUANTIZED_DECOMPOSED, torch.uint8, torch.int8
+        scale, zero_point = ops.choose_qparams.tensor(hidden_states, 0, 255, torch.finfo(torch.float32).eps, uint8)
+        quantized = ops.quantize_per_tensor.tensor(hidden_states, scale, zero_point, 0, 255, uint8)
+        hidden_states = ops.dequantize_per_tensor.tensor(quantized, scale, zero_point, 0, 255, uint8)
+        weight = ops.dequantize_per_channel(self.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127, int8)
+        return nn.functional.linear(hidden_states, weight, self.bias)
+
+
+def with_traceable_int8(module: nn.Module) -> nn.Module:
+    """`module` if it holds no torch.ao dynamic int8 linear layer, else a shallow copy with traceable ones.
+
+    The copy shares every other submodule, parameter and buffer with `module`; the original is left as it is.
+    """
+    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+        return GpaTraceableInt8Linear(module)
+    children = {name: with_traceable_int8(child) for name, child in module.named_children()}
+    if all(child is module._modules[name] for name, child in children.items()):
+        return module
+    copy = object.__new__(type(module))
+    copy.__dict__ = {**module.__dict__, "_modules": {**module._modules, **children}}
+    return copy
+
+
+class GpaCompiledCpuStep:
+    """The LM of a model, compiled for CPU decoding steps.
+
+    CPU steps of this small LM spend more time between ops (Python, module calls, small pointwise kernels) than in
+    its products. Compiled, a step is one graph: each layer becomes its four products, the attention and a few fused
+    C++ kernels. An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled
+    code: that is what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is
+    for inference (its int8 weights do not train, and its float ones are read as they were when compiled). A float
+    LM is compiled without freezing and reads its weights as they are. `refresh` compiles again when modules were
+    replaced (fused, quantized). The first request compiles for one to two minutes at published size on 2 cores.
+    """
+
+    def __init__(self, lm: nn.Module, mode: str | None = None):
+        self.lm, self.mode = lm, mode
+        self.modules: tuple[int, ...] = ()
+        self.freeze = False
+        self.compiled: Callable | None = None
+
+    def refresh(self) -> None:
+        modules = tuple(map(id, self.lm.modules()))
+        if modules != self.modules:
+            self.modules = modules
+            traceable = with_traceable_int8(self.lm)
+            self.freeze = traceable is not self.lm
+            # inductor's oneDNN int8 lowering copies its zero points with torch.tensor(tensor): harmless, and noisy
+            warnings.filterwarnings("ignore", "To copy construct", module="torch._inductor.mkldnn_lowerings")
+            self.compiled = torch.compile(traceable, mode=self.mode)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        # Freezing must be on while dynamo traces (it then treats the weights as constants), not only in inductor.
+        with torch._inductor.config.patch(freezing=self.freeze):
+            return self.compiled(**inputs)
+
+
+class GpaStepCache:
+    """A KV cache of fixed buffers, written at the positions in `slots` and read up to a length, for compiled steps.
+
+    Over `StaticCache`, a step attends over the whole buffer with a mask; over an appending cache, the length it
+    attends over is a Python number that would make a compiled step recompile at every token. Here both the write
+    positions and the attended length come from tensors (`slots`, and the size of `attended`, which dynamo keeps
+    symbolic), so one compiled step serves a whole request and every later one. Prompts are written by `prefill`
+    eagerly, through the same `update`, the only cache method the LM calls when given position ids and masks.
+    """
+
+    def __init__(self, config, batch_size: int, max_cache_len: int, device: torch.device, dtype: torch.dtype):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch_size, config.num_key_value_heads, max_cache_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.positions = torch.arange(max_cache_len, device=device)
+        self.slots = self.attended = self.positions[:0]
+
+    def point_at(self, slots: torch.LongTensor, length: int) -> None:
+        """Write the next keys and values at `slots`; attend over the first `length` positions."""
+        self.slots, self.attended = slots, self.positions[:length]
+        torch._dynamo.maybe_mark_dynamic(self.attended, 0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.slots, key_states)
+        self.values[layer_idx].index_copy_(2, self.slots, value_states)
+        length = self.attended.shape[0]
+        return self.keys[layer_idx][:, :, :length], self.values[layer_idx][:, :, :length]
+
+
 class GpaCudaGraphs:
     """Runs `function` on CUDA tensors from CUDA graphs, one per input shapes (and `version`), the last `size` of them.
 
@@ -391,10 +504,10 @@ class GpaStaticDecoder:
     is a graph too, one per prompt length: prompts are left-padded to a multiple of `prefill_multiple` tokens
     (32 on CUDA), so that prompts of similar length share one. Greedy decoding gives the tokens of `generate`;
     sampling draws from the same distribution (Gumbel-max instead of `multinomial`). On CPU the same steps run
-    eagerly, which is what the tests compare with `generate`; there, unless the step is compiled, the cache is an
-    appending one ([`GpaDecodingCache`]): a step attends over the filled positions only, and, when no prompt is
-    padded, without a mask (masked attention over a cache padded to its full length made a batch-8 CPU step 1.7x
-    slower).
+    eagerly, which is what the tests compare with `generate`; there the cache is an appending one
+    ([`GpaDecodingCache`]): a step attends over the filled positions only, and, when no prompt is padded, without a
+    mask (masked attention over a cache padded to its full length made a batch-8 CPU step 1.7x slower). A compiled
+    CPU step ([`GpaCompiledCpuStep`]) attends over the filled positions of fixed buffers ([`GpaStepCache`]).
 
     One decoder serves one (batch size, cache length, output rows, settings); [`GpaForConditionalGeneration`]
     keeps the last few, so that repeated requests of one shape reuse their graph and cache.
@@ -421,7 +534,12 @@ class GpaStaticDecoder:
         # captured as graphs).
         # A string names the `torch.compile` mode (e.g. "max-autotune-no-cudagraphs": slower to compile).
         mode = compile_step if isinstance(compile_step, str) else None
-        self.step_lm = torch.compile(model.model, dynamic=False, mode=mode) if compile_step else model.model
+        self.compiled_on_cpu = bool(compile_step) and device.type != "cuda"
+        if self.compiled_on_cpu:  # one per model and mode, shared by its decoders: a new shape only recompiles
+            steps = model.static_decoders.compiled_cpu_steps
+            self.step_lm = steps[mode] = steps.get(mode) or GpaCompiledCpuStep(model.model, mode)
+        else:
+            self.step_lm = torch.compile(model.model, dynamic=False, mode=mode) if compile_step else model.model
         self.settings = settings
         self.rows = rows.to(device)
         # The output rows are pointed at by `refresh_output_rows`, at the start of every request.
@@ -439,10 +557,13 @@ class GpaStaticDecoder:
         self.stop_token_id = stop_token_id
         self.pad_token_id = pad_token_id
         self.max_cache_len = max_cache_len
-        # A static cache where steps are graphs or compiled (fixed shapes), an appending one where they run eagerly.
-        self.static_cache = device.type == "cuda" or bool(compile_step) if static_cache is None else static_cache
+        # A static cache where steps are CUDA graphs (fixed shapes); where they run eagerly, an appending one; where
+        # they are compiled for CPU, fixed buffers read up to the filled length (`GpaStepCache`).
+        self.static_cache = device.type == "cuda" if static_cache is None else static_cache
         if self.static_cache:
             self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        elif self.compiled_on_cpu:
+            self.cache = GpaStepCache(model.config, batch_size, max_cache_len, device, model.dtype)
         else:
             self.cache = GpaDecodingCache()
         self.prompts_padded = True  # set by each prefill: over an appending cache, unpadded prompts need no mask
@@ -532,11 +653,16 @@ class GpaStaticDecoder:
         """One LM step for the tokens in `self.token`, then `select`."""
         if self.static_cache:
             mask = (self.kv_index <= self.position)[None, None, None, :] & self.valid[:, None, None, :]
-        else:  # the cache holds the filled positions only
-            mask = self.valid[:, None, None, : int(self.position) + 1] if self.prompts_padded else None
+        else:  # attend over the filled positions only
+            length = int(self.position) + 1
+            mask = self.valid[:, None, None, :length] if self.prompts_padded else None
+            if self.compiled_on_cpu:
+                self.cache.point_at(self.position, length)
+                if mask is not None:
+                    torch._dynamo.maybe_mark_dynamic(mask, 3)
         hidden = self.step_lm(
             input_ids=self.token[:, None],
-            attention_mask=None if mask is None else {"full_attention": mask},
+            attention_mask={"full_attention": mask},  # one query: no causal mask to build
             position_ids=(self.position - self.padding)[:, None],
             use_cache=True,
             **{CACHE_ARGUMENT: self.cache},
@@ -554,7 +680,10 @@ class GpaStaticDecoder:
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> None:
         """Reset the buffers and the cache, run the prompts (left-padded) and pick the first new tokens."""
         length = input_ids.shape[1]
-        self.cache.reset()
+        if isinstance(self.cache, GpaStepCache):
+            self.cache.point_at(self.cache.positions[:length], length)
+        else:
+            self.cache.reset()
         valid = attention_mask.bool()
         self.valid.fill_(True)  # every slot after the prompt holds a new token
         self.valid[:, :length] = valid
@@ -574,7 +703,9 @@ class GpaStaticDecoder:
         mask = ((self.kv_index <= query) & self.valid[:, None, :]) | (self.kv_index == query)
         if not self.static_cache:
             self.prompts_padded = not bool(valid.all())
-            mask = mask[..., :length] if self.prompts_padded else None
+            # transformers builds a causal mask from the cache when given none, which only its own caches can do
+            keep_mask = self.prompts_padded or isinstance(self.cache, GpaStepCache)
+            mask = mask[..., :length] if keep_mask else None
         hidden = self.model.model(
             input_ids=input_ids,
             attention_mask=None if mask is None else {"full_attention": mask[:, None]},
@@ -634,6 +765,8 @@ class GpaStaticDecoder:
             streamer.put(input_ids.cpu())
         with torch.inference_mode():
             self.refresh_output_rows()  # the model may have been trained since the last request
+            if self.compiled_on_cpu:
+                self.step_lm.refresh()
             self.budgets.copy_(budgets)
             if self.model.device.type == "cuda":
                 self.prefill_graphs(prompts, prompts_mask)
@@ -660,11 +793,17 @@ class GpaStaticDecoder:
 
 
 class GpaStaticDecoderCache(OrderedDict):
-    """The last `size` decoders of a model, by shape and settings (each holds a KV cache and a CUDA graph)."""
+    """The last `size` decoders of a model, by shape and settings (each holds a KV cache and a CUDA graph), and the
+    model's compiled CPU steps, which its decoders share."""
 
     def __init__(self, size: int = 4):
         super().__init__()
         self.size = size
+        self.compiled_cpu_steps: dict[str | None, GpaCompiledCpuStep] = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self.compiled_cpu_steps.clear()
 
     def get_or_create(self, key: tuple, create: Callable[[], GpaStaticDecoder]) -> GpaStaticDecoder:
         if key in self:

@@ -315,7 +315,11 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         "(the fastest batch-1 path there); --stream always does",
     )
     parser.add_argument(
-        "--compile", dest="compile_decoding", action="store_true", help="with --static-decoding: torch.compile it"
+        "--compile",
+        dest="compile_decoding",
+        action="store_true",
+        help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with oneDNN's int8 "
+        "products; the first request compiles for a minute or two at published size)",
     )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")

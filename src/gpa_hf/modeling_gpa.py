@@ -165,6 +165,23 @@ def fuse_linear_layers(module: torch.nn.Module, fused_name: str, names: tuple[st
     return sizes
 
 
+def one_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """SDPA for one query per sequence `(batch, heads, 1, dim)`, its heads grouped by key-value head: `(batch, 1,
+    heads * dim)`.
+
+    Each key-value head's queries attend as a short sequence, so keys and values are neither repeated nor run through
+    SDPA's `enable_gqa`. transformers groups them so eagerly, but not under `torch.compile`, where it repeats the
+    keys and values (masked) or uses `enable_gqa` (unmasked): 2 CPU cores, batch 8, 290 cached positions, 28
+    layers: 130 ms and 62 ms against 56 ms grouped. `mask`, if any, is shared by the heads: `(batch, 1, 1, positions)`.
+    """
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, 1, heads * dim)
+
+
 class GpaFusedAttention(Qwen3Attention):
     """Qwen3 attention whose query, key and value projections are one linear layer (`qkv_proj`).
 
@@ -200,6 +217,8 @@ class GpaFusedAttention(Qwen3Attention):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if query.shape[2] == 1 and self.config._attn_implementation == "sdpa" and torch.compiler.is_compiling():
+            return self.o_proj(one_query_attention(query, key, value, attention_mask, self.scaling)), None
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -529,8 +548,10 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 the same distribution. Supports the sampling settings GPA's tasks use (temperature, top_k, top_p,
                 repetition_penalty, min_new_tokens) and raises for others.
             compile_decoding: with `static_decoding`, compile the decoding step with `torch.compile` (fewer, fused
-                kernels per step: faster on GPU once compiled; the first request of a shape pays the compilation).
-                A string is the `torch.compile` mode, e.g. `"max-autotune-no-cudagraphs"`.
+                kernels per step; the first request of a shape pays the compilation). On CPU the step becomes one
+                graph ([`GpaCompiledCpuStep`]), and an int8 LM (`quantize_lm_dynamic_int8`) runs oneDNN's int8
+                products with its weights frozen into the compiled code. A string is the `torch.compile` mode, e.g.
+                `"max-autotune-no-cudagraphs"`.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")

@@ -182,18 +182,20 @@ def test_compiled_cpu_decoding_equals_the_eager_loop(clips):
     model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().fuse_projections()
     processor = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
     cases = {"tts": processor(task="tts", text=["two two eight five"]), "asr": requests(processor, clips)["asr"]}
+    expected = {}
     for task, inputs in cases.items():
-        expected = model.generate(**inputs, task=task, do_sample=False, static_decoding=True)
+        expected[task] = model.generate(**inputs, task=task, do_sample=False, static_decoding=True)
         for _ in range(2):
             result = model.generate(**inputs, task=task, do_sample=False, static_decoding=True, compile_decoding=True)
-            assert torch.equal(result, expected), task
+            assert torch.equal(result, expected[task]), task
     decoder = next(decoder for decoder in model.static_decoders.values() if decoder.compiled_on_cpu)
     assert isinstance(decoder.cache, GpaStepCache)
     compiled = decoder.step_lm.compiled
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight.mul_(0.8)
+    inputs = cases["asr"]
     changed = model.generate(**inputs, task="asr", do_sample=False, static_decoding=True)
-    assert not torch.equal(changed, expected)
+    assert not torch.equal(changed, expected["asr"])
     result = model.generate(**inputs, task="asr", do_sample=False, static_decoding=True, compile_decoding=True)
     assert torch.equal(result, changed)
     assert decoder.step_lm.compiled is compiled

@@ -217,7 +217,8 @@ class GpaFusedAttention(Qwen3Attention):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if query.shape[2] == 1 and self.config._attn_implementation == "sdpa" and torch.compiler.is_compiling():
+        one_query = query.shape[2] == 1 and query.device.type == "cpu" and self.config._attn_implementation == "sdpa"
+        if one_query and torch.compiler.is_compiling():  # measured on CPU only; CUDA steps keep transformers' path
             return self.o_proj(one_query_attention(query, key, value, attention_mask, self.scaling)), None
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

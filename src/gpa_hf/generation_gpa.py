@@ -656,7 +656,7 @@ class GpaStaticDecoder:
         else:  # attend over the filled positions only
             length = int(self.position) + 1
             mask = self.valid[:, None, None, :length] if self.prompts_padded else None
-            if self.compiled_on_cpu:
+            if isinstance(self.cache, GpaStepCache):
                 self.cache.point_at(self.position, length)
                 if mask is not None:
                     torch._dynamo.maybe_mark_dynamic(mask, 3)

@@ -542,3 +542,95 @@ def test_speaker_judge_trains_checks_unheard_voices_and_serves_eval(tmp_path, mo
     output = embed([load_audio(audio_dir / "00000.wav")])
     expected = cosine_similarity(output, embed([load_audio(AUDIO / "astro.wav")])).item()
     assert item["similarity_to_target"] == pytest.approx(expected, abs=1e-4)  # the judge's, not BiCodec's
+
+
+def fake_espeak(monkeypatch, corpus) -> None:
+    """An espeak-ng stand-in for `corpus`: a sine at a pitch of the speaker's, as long as the text."""
+
+    def synthesize(binary, speaker, text, speed, path) -> None:
+        from gpa_hf.audio_utils import write_wav
+
+        hertz = 80 + 2 * speaker.pitch + 15 * corpus.VARIANTS.index(speaker.variant)
+        time_s = np.arange(int(16000 * (0.4 + 0.03 * len(text)))) / 16000
+        write_wav(path, 0.3 * np.sin(2 * np.pi * hertz * time_s).astype(np.float32))
+
+    monkeypatch.setattr(corpus, "synthesize", synthesize)
+    monkeypatch.setattr(corpus, "require_espeak", lambda: "espeak-ng")
+
+
+def test_corpus_lists_every_heldout_clip_with_its_speaker_and_text(tmp_path, monkeypatch):
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    import corpus
+
+    fake_espeak(monkeypatch, corpus)
+    files = corpus.build_corpus(tmp_path, train_utterances=10, heldout_utterances=8)
+    clips = {row["audio"]: row for row in map(json.loads, files["heldout_clips"].read_text().splitlines())}
+    assert len(clips) == 16 and all((tmp_path / name).is_file() for name in clips)
+    for row in clips.values():
+        assert corpus.Speaker.from_name(row["speaker"]).name == row["speaker"]
+        assert 130 <= row["speed"] <= 190
+    for row in map(json.loads, files["heldout_asr"].read_text().splitlines()):
+        assert clips[row["audio"]]["text"] == row["text"]
+    for row in map(json.loads, files["heldout_vc"].read_text().splitlines()):
+        assert clips[row["audio"]]["speaker"] != clips[row["ref_audio"]]["speaker"]
+    assert corpus.Speaker.from_name("en-gb-scotland+f2-p35") == corpus.Speaker("en-gb-scotland", "f2", 35)
+    with pytest.raises(ValueError, match="not a corpus speaker name: 'en-us'"):
+        corpus.Speaker.from_name("en-us")
+
+
+def test_vc_bounds_scores_four_renditions_against_clips_and_voices(tmp_path, monkeypatch, capsys):
+    """`vc_bounds.py` on a three-voice corpus: its espeak-ng renditions speak the source text in the target voice,
+    and their scores by clips and by voices equal a recomputation with the model's speaker encoder."""
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    import corpus
+    import vc_bounds
+
+    from gpa_hf import DEFAULT_MODEL, GpaForConditionalGeneration, GpaProcessor
+    from gpa_hf.audio_utils import load_audio
+    from gpa_hf.evaluation_gpa import BiCodecSpeakerEmbedder, cosine_similarity
+
+    fake_espeak(monkeypatch, corpus)
+    speakers = ["en-us+m1-p35", "en-gb+f2-p65", "en-029+m3-p50"]
+    texts = ["one two", "three", "four five six", "seven", "eight nine", "zero one"]
+    (tmp_path / "wav").mkdir()
+    clips = []
+    for index, text in enumerate(texts):  # clip i is spoken by voice i % 3
+        row = {"audio": f"wav/heldout_{index:05d}.wav", "text": text, "speaker": speakers[index % 3], "speed": 160}
+        corpus.synthesize("espeak-ng", corpus.Speaker.from_name(row["speaker"]), text, 160, tmp_path / row["audio"])
+        clips.append(row)
+    pairs = [{"task": "vc", "audio": clips[i]["audio"], "ref_audio": clips[(i + 1) % 3]["audio"]} for i in range(3)]
+    write_jsonl(tmp_path / "heldout_vc.jsonl", pairs)
+    argv = ["vc_bounds.py", "--corpus", str(tmp_path), "--max-new-tokens", "20", "--output", str(tmp_path / "b.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ValueError, match=r"heldout_clips\.jsonl: no such file"):
+        vc_bounds.main()
+    write_jsonl(tmp_path / "heldout_clips.jsonl", clips)
+    assert vc_bounds.main() == 0
+    results = json.loads((tmp_path / "b.json").read_text())["results"]["own speaker encoder"]
+    assert list(results) == list(vc_bounds.RENDITIONS)
+    assert "3 held-out pairs" in capsys.readouterr().out
+
+    model = GpaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()
+    embed = BiCodecSpeakerEmbedder(model, GpaProcessor.from_pretrained(DEFAULT_MODEL))
+    clip = {row["audio"]: embed([load_audio(tmp_path / row["audio"])])[0] for row in clips}
+
+    def voice(speaker: str, left_out: str) -> torch.Tensor:
+        others = [row["audio"] for row in clips if row["speaker"] == speaker and row["audio"] != left_out]
+        return torch.stack([torch.nn.functional.normalize(clip[name], dim=-1) for name in others]).mean(0)
+
+    closer_by_clip, closer_by_voice = [], []
+    for index, pair in enumerate(pairs):
+        rendition = load_audio(tmp_path / "vc_bounds" / Path(pair["audio"]).name)
+        target = clips[(index + 1) % 3]
+        expected = tmp_path / "expected.wav"  # the source text in the target voice
+        corpus.synthesize("espeak-ng", corpus.Speaker.from_name(target["speaker"]), texts[index], 160, expected)
+        np.testing.assert_array_equal(rendition, load_audio(expected))
+        output = embed([rendition])[0]
+        closer_by_clip.append(
+            bool(cosine_similarity(output, clip[pair["ref_audio"]]) > cosine_similarity(output, clip[pair["audio"]]))
+        )
+        to_target = cosine_similarity(output, voice(target["speaker"], pair["audio"]))
+        to_source = cosine_similarity(output, voice(clips[index]["speaker"], pair["audio"]))
+        closer_by_voice.append(bool(to_target > to_source))
+    assert results["espeak-ng clip"]["closer_to_target_clip_rate"] == pytest.approx(np.mean(closer_by_clip))
+    assert results["espeak-ng clip"]["closer_to_target_voice_rate"] == pytest.approx(np.mean(closer_by_voice))

@@ -36,6 +36,15 @@ class Speaker:
     def name(self) -> str:
         return f"{self.voice}+{self.variant}-p{self.pitch}"
 
+    @classmethod
+    def from_name(cls, name: str) -> Speaker:
+        """The speaker `name` stands for ("en-gb-scotland+f2-p35")."""
+        voice, _, rest = name.partition("+")
+        variant, _, pitch = rest.rpartition("-p")
+        if not (voice and variant and pitch.isdigit()):
+            raise ValueError(f"not a corpus speaker name: {name!r} (expected VOICE+VARIANT-pPITCH)")
+        return cls(voice, variant, int(pitch))
+
 
 def require_espeak() -> str:
     binary = shutil.which("espeak-ng")
@@ -67,17 +76,19 @@ def build_corpus(
     seed: int = 0,
     reuse: bool = False,
 ) -> dict[str, Path]:
-    """Synthesise the corpus into `folder`; returns the jsonl files (train, and held-out asr / tts / vc).
+    """Synthesise the corpus into `folder`; returns the jsonl files (train, held-out asr / tts / vc, and
+    `heldout_clips`: every held-out clip's text, speaker and speaking rate, to speak it again in another voice).
 
     With `reuse`, a corpus already complete in `folder` (made with the same settings) is kept as it is.
     """
     folder = Path(folder)
-    files = {name: folder / f"{name}.jsonl" for name in ("train", "heldout_asr", "heldout_tts", "heldout_vc")}
+    names = ("train", "heldout_asr", "heldout_tts", "heldout_vc", "heldout_clips")
+    files = {name: folder / f"{name}.jsonl" for name in names}
     settings = {
         "train_utterances": train_utterances,
         "heldout_utterances": heldout_utterances,
         "seed": seed,
-        "rows": "stt rows name their speaker",
+        "rows": "stt rows name their speaker; heldout_clips",
     }
     done = folder / "settings.json"
     if reuse and done.is_file() and json.loads(done.read_text()) == settings:
@@ -101,8 +112,10 @@ def build_corpus(
                 text = random_text(rng)
             speaker = rng.choice(pool)
             path = folder / "wav" / f"{split}_{index:05d}.wav"
-            synthesize(binary, speaker, text, rng.randint(130, 190), path)
-            rows.append({"audio": str(path.relative_to(folder)), "text": text, "speaker": speaker.name})
+            speed = rng.randint(130, 190)
+            synthesize(binary, speaker, text, speed, path)
+            audio = str(path.relative_to(folder))
+            rows.append({"audio": audio, "text": text, "speaker": speaker.name, "speed": speed})
         return rows
 
     train = utterances(train_utterances, train_speakers, None, "train")
@@ -153,6 +166,7 @@ def build_corpus(
             if a["speaker"] != b["speaker"]
         ],
     )
+    write_jsonl(files["heldout_clips"], heldout)
     (folder / "speakers.json").write_text(
         json.dumps({"train": [s.name for s in train_speakers], "heldout": [s.name for s in heldout_speakers]})
     )

@@ -120,7 +120,7 @@ def scores(embed, renditions: dict[str, list[np.ndarray]], pairs, clips, clip_au
 
     sources = [Path(row["audio"]).name for row in pairs]
     targets = [Path(row["ref_audio"]).name for row in pairs]
-    source_clips, target_clips = (torch.stack([by_clip[n] for n in names]) for names in (sources, targets))
+    source_clips, target_clips = (torch.stack([by_clip[n] for n in column]) for column in (sources, targets))
     source_voices = torch.stack([voice(clips[s]["speaker"], s) for s in sources])
     target_voices = torch.stack([voice(clips[t]["speaker"], s) for s, t in zip(sources, targets)])
     result = {}
@@ -152,7 +152,7 @@ def main() -> int:
     pairs, clips = read_corpus(folder)
     model = GpaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = GpaProcessor.from_pretrained(args.model)
-    clip_audio = {name: load_audio(folder / "wav" / name) for name in clips}
+    clip_audio = {name: load_audio(folder / row["audio"]) for name, row in clips.items()}
     sources = [clip_audio[Path(row["audio"]).name] for row in pairs]
     targets = [clip_audio[Path(row["ref_audio"]).name] for row in pairs]
     espeak = espeak_renditions(folder, pairs, clips)

@@ -274,6 +274,48 @@ def test_vc_evaluation_compares_target_and_source_similarity(gpa, tmp_path):
     assert json.loads((tmp_path / "vc.json").read_text())["items"][0]["pitch_hz"] == pitch
 
 
+def test_vc_codec_baseline_scores_the_codec_alone(gpa, tmp_path):
+    """`gpa-hf eval --task vc --codec-baseline` scores each source's own tokens decoded in the target voice, as
+    `codec_conversion` makes them one pair at a time."""
+    from gpa_hf.audio_utils import load_audio
+    from gpa_hf.evaluation_gpa import BiCodecSpeakerEmbedder, codec_conversion, cosine_similarity
+
+    model, processor = gpa
+    a, b = AUDIO / "000.wav", AUDIO / "astro.wav"
+    pairs = [(a, b), (b, a)]
+    data = write_jsonl(tmp_path / "vc.jsonl", [{"task": "vc", "audio": str(s), "ref_audio": str(t)} for s, t in pairs])
+    args = ["eval", str(ORIGINAL_CHECKPOINT), str(data), "--task", "vc", "--codec-baseline", "--batch-size", "2"]
+    assert main([*args, "--max-new-tokens", "20", "--output", str(tmp_path / "vc_report.json")]) == 0
+    report = json.loads((tmp_path / "vc_report.json").read_text())
+
+    embed = BiCodecSpeakerEmbedder(model, processor)
+    sources, voices = [load_audio(s) for s, _ in pairs], [load_audio(t) for _, t in pairs]
+    batched = codec_conversion(model, processor, sources, voices)
+    closer = []
+    for index, (source, voice) in enumerate(zip(sources, voices)):
+        (alone,) = codec_conversion(model, processor, [source], [voice])
+        hop = model.config.bicodec_config.hop_length
+        assert alone.size == processor.feature_extractor.semantic_length(source.size) * hop
+        np.testing.assert_allclose(batched[index], alone, atol=1e-4)  # a padded batch decodes each item as alone
+        output = embed([alone])
+        to_target = cosine_similarity(output, embed([voice])).item()
+        to_source = cosine_similarity(output, embed([source])).item()
+        similarity = report["items"][index]["codec_baseline_similarity"]
+        assert similarity == {
+            "to_target": pytest.approx(to_target, abs=1e-4),
+            "to_source": pytest.approx(to_source, abs=1e-4),
+        }
+        closer.append(to_target > to_source)
+    assert report["metrics"]["codec_baseline"]["closer_to_target_rate"] == np.mean(closer)
+    # in the source's own voice it is BiCodec's round trip; in another voice, another waveform
+    (round_trip,) = codec_conversion(model, processor, sources[:1], sources[:1])
+    with torch.no_grad():
+        expected = model.bicodec(**processor.feature_extractor.bicodec(sources[:1], sampling_rate=16000)).audio_values
+    np.testing.assert_allclose(round_trip, expected[0].numpy(), atol=1e-5)
+    assert not np.allclose(batched[0], round_trip, atol=1e-3)
+    assert "codec_baseline" not in evaluate_gpa(model, processor, [], "vc")["metrics"]
+
+
 def test_pitch_track_follows_the_pitch_frame_by_frame():
     time_s = np.arange(16000) / 16000
     voiced = np.where(time_s < 0.5, np.sin(2 * np.pi * 123.0 * time_s) + 0.3 * np.sin(4 * np.pi * 123.0 * time_s), 0)

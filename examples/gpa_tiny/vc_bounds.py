@@ -39,6 +39,7 @@ from gpa_hf.data_gpa import load_jsonl_dataset
 from gpa_hf.evaluation_gpa import (
     BiCodecSpeakerEmbedder,
     TransformersSpeakerEmbedder,
+    codec_conversion,
     cosine_similarity,
     evaluate_gpa,
 )
@@ -78,16 +79,13 @@ def espeak_renditions(folder: Path, pairs: list[dict], clips: dict[str, dict]) -
     return waveforms
 
 
-@torch.no_grad()
 def decoded_in_voice(model, processor, sources: list[np.ndarray], voices: list[np.ndarray]) -> list[np.ndarray]:
-    """Each source's semantic tokens decoded with the global tokens of its voice clip (no LM)."""
-    bicodec, features = model.bicodec, processor.feature_extractor.bicodec
-    waveforms = []
-    for source, voice in zip(sources, voices):
-        semantic = bicodec.encode(**features([source], sampling_rate=16000, return_reference=False)).semantic_codes
-        voice_codes = bicodec.encode_speaker(features.speaker_inputs([voice], sampling_rate=16000)["reference_values"])
-        waveforms.append(bicodec.decode(semantic, voice_codes.global_codes).audio_values[0].numpy())
-    return waveforms
+    """Each source's semantic tokens decoded with the global tokens of its voice clip (no LM), 16 at a time."""
+    return [
+        waveform
+        for start in range(0, len(sources), 16)
+        for waveform in codec_conversion(model, processor, sources[start : start + 16], voices[start : start + 16])
+    ]
 
 
 def model_conversions(model, processor, corpus_folder: Path, batch_size: int, seed: int, generate_kwargs: dict):

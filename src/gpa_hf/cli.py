@@ -280,6 +280,7 @@ def cmd_eval(args) -> None:
         speaker_embedder=embedder,
         generate_kwargs=_generate_kwargs(args),
         audio_dir=args.audio_dir,
+        codec_baseline=args.codec_baseline,
     )
     report["model"] = args.model
     report["data"] = args.data
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--speaker-model", dest="speaker_model", help="transformers x-vector model (default: BiCodec speaker encoder)"
     )
     evaluate.add_argument("--audio-dir", dest="audio_dir", help="also write the synthesised audio here")
+    evaluate.add_argument(
+        "--codec-baseline",
+        dest="codec_baseline",
+        action="store_true",
+        help="vc: also score the codec alone (each source's own tokens decoded in the target voice, no LM)",
+    )
     _add_sampling(evaluate, dry_run=False)
     evaluate.set_defaults(func=cmd_eval)
 

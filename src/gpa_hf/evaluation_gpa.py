@@ -125,6 +125,25 @@ class TransformersSpeakerEmbedder:
         return self.model(**inputs).embeddings.float().cpu()
 
 
+@torch.no_grad()
+def codec_conversion(
+    model, processor, sources: Sequence[np.ndarray], voices: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Each source's own semantic tokens decoded with the global tokens of its voice clip: voice conversion by the
+    codec alone, without the LM (16 kHz waveforms in, 16 kHz waveforms out).
+
+    Beside a model's conversions it tells what the LM adds: a conversion no closer to the target voice than this gains
+    nothing from the LM, and where even tokens of a perfect conversion decode no closer, the codec bounds the task.
+    """
+    extractor, bicodec = processor.feature_extractor.bicodec, model.bicodec
+    inputs = extractor(list(sources), sampling_rate=16000, return_reference=False).to(model.device)
+    encoded = bicodec.encode(inputs["input_values"], inputs["attention_mask"])
+    reference = extractor.speaker_inputs(list(voices), sampling_rate=16000)["reference_values"].to(model.device)
+    global_codes = bicodec.encode_speaker(reference).global_codes
+    decoded = bicodec.decode(encoded.semantic_codes, global_codes, encoded.semantic_lengths)
+    return [audio[:length].float().cpu().numpy() for audio, length in zip(decoded.audio_values, decoded.audio_lengths)]
+
+
 def has_sound(waveform: np.ndarray) -> bool:
     """Whether an output has any non-zero sample (empty or silent outputs get no speaker embedding)."""
     return bool(waveform.size) and bool(np.abs(waveform).max() > 0)
@@ -253,6 +272,7 @@ def evaluate_gpa(
     speaker_embedder: SpeakerEmbedder | None = None,
     generate_kwargs: dict | None = None,
     audio_dir: str | os.PathLike | None = None,
+    codec_baseline: bool = False,
 ) -> dict:
     """Evaluate one task over data rows (the columns of `load_jsonl_dataset`) and return the report.
 
@@ -264,7 +284,8 @@ def evaluate_gpa(
     - `vc`: every row with a source `audio` and a target voice `ref_audio`; reports how often the output is closer
       to the target voice than to the source (speaker-embedding cosine), and, as a check without any model, how
       often its median pitch is closer to the target's (over the pairs whose pitches differ by 10% or more; an
-      output with no voiced frame counts as not closer, and `outputs_without_pitch` counts them).
+      output with no voiced frame counts as not closer, and `outputs_without_pitch` counts them). With
+      `codec_baseline`, the same scores for [`codec_conversion`] (the codec alone) as `metrics["codec_baseline"]`.
     """
     generate_kwargs = dict(generate_kwargs or {})
     needed = {"asr": ("audio", "text"), "tts": ("text",), "vc": ("audio", "ref_audio")}
@@ -310,7 +331,7 @@ def evaluate_gpa(
         metrics["speaker_similarity"] = float(np.mean(measured)) if measured else None
         _write_audio(audio_dir, items, outputs)
     else:
-        outputs, closer = [], []
+        outputs, closer, baselines = [], [], []
         for batch in _batches(items, batch_size, "vc"):
             audio = _generate(
                 model,
@@ -324,12 +345,21 @@ def evaluate_gpa(
             # One embedding call per kind for the batch; outputs without sound get no similarity.
             sounding = [k for k, waveform in enumerate(audio) if has_sound(waveform)]
             to_target, to_source = {}, {}
+            targets = embed([item["ref_audio_samples"] for item in batch])
+            sources = embed([item["audio_samples"] for item in batch])
             if sounding:
                 converted = embed([audio[k] for k in sounding])
-                targets = embed([batch[k]["ref_audio_samples"] for k in sounding])
-                sources = embed([batch[k]["audio_samples"] for k in sounding])
-                to_target = dict(zip(sounding, cosine_similarity(converted, targets).tolist()))
-                to_source = dict(zip(sounding, cosine_similarity(converted, sources).tolist()))
+                to_target = dict(zip(sounding, cosine_similarity(converted, targets[sounding]).tolist()))
+                to_source = dict(zip(sounding, cosine_similarity(converted, sources[sounding]).tolist()))
+            if codec_baseline:
+                baseline = embed(
+                    codec_conversion(
+                        model, processor, [i["audio_samples"] for i in batch], [i["ref_audio_samples"] for i in batch]
+                    )
+                )
+                baselines += zip(
+                    cosine_similarity(baseline, targets).tolist(), cosine_similarity(baseline, sources).tolist()
+                )
             for k, (item, waveform) in enumerate(zip(batch, audio)):
                 target, source = to_target.get(k), to_source.get(k)
                 closer.append(target is not None and target > source)
@@ -361,6 +391,14 @@ def evaluate_gpa(
         metrics["pitch_closer_to_target_rate"] = float(np.mean(by_pitch)) if by_pitch else None
         metrics["pitch_pairs"] = len(by_pitch)
         metrics["outputs_without_pitch"] = sum(r["pitch_hz"]["output"] is None for r in results)
+        if codec_baseline:
+            for result, (target, source) in zip(results, baselines):
+                result["codec_baseline_similarity"] = {"to_target": target, "to_source": source}
+            metrics["codec_baseline"] = {
+                "closer_to_target_rate": float(np.mean([target > source for target, source in baselines])),
+                "similarity_to_target": float(np.mean([target for target, _ in baselines])),
+                "similarity_to_source": float(np.mean([source for _, source in baselines])),
+            }
         _write_audio(audio_dir, items, outputs)
     return {
         "task": task,
@@ -425,6 +463,7 @@ __all__ = [
     "BiCodecSpeakerEmbedder",
     "GpaErrorRate",
     "TransformersSpeakerEmbedder",
+    "codec_conversion",
     "error_rate",
     "evaluate_gpa",
     "median_pitch",

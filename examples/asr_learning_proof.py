@@ -3,9 +3,9 @@
     python examples/asr_learning_proof.py [--clips 12] [--epochs 120] [--report asr_learning_proof.json]
 
 The audio tokenizers are those of the test fixture (`tests/fixtures/tiny/checkpoint_original_layout`); the LM is a
-new, randomly initialised 4-layer Qwen3. It is trained with `examples/finetune.py`'s Trainer set-up on the first
-`tts-a` clips (English and Chinese) of `../shared/data/gpa-samples/merged_shuffled_train.jsonl`, their transcripts
-as ASR targets, and the
+new, randomly initialised 4-layer Qwen3. It is trained with `gpa-hf finetune`'s Trainer set-up
+(`gpa_hf.training_gpa`) on the first `tts-a` clips (English and Chinese) of
+`../shared/data/gpa-samples/merged_shuffled_train.jsonl`, their transcripts as ASR targets, and the
 character error rate on those clips is measured with `gpa-hf eval`'s code before and after. The script exits
 non-zero unless CER goes from >= 90% to <= 10%.
 """
@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from finetune import build_trainer
-
 from gpa_hf import GpaConfig, GpaForConditionalGeneration
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.data_gpa import load_jsonl_dataset, prepare_dataset
 from gpa_hf.evaluation_gpa import evaluate_gpa
+from gpa_hf.training_gpa import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_CHECKPOINT = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint_original_layout"

@@ -164,10 +164,7 @@ def test_collator_pads_right_with_masked_labels():
 
 
 def test_trainer_step_on_a_tiny_model(converted, tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    from finetune import build_trainer
-
-    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor, build_trainer
 
     model = GpaForConditionalGeneration.from_pretrained(converted)
     processor = GpaProcessor.from_pretrained(converted)
@@ -195,10 +192,39 @@ def test_trainer_step_on_a_tiny_model(converted, tmp_path):
     assert all(torch.equal(v, model.bicodec.state_dict()[k]) for k, v in bicodec_weights.items())
 
 
+def test_finetune_command_trains_the_lm_and_saves_a_loadable_model(converted, tmp_path):
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+
+    data = write_jsonl(tmp_path / "rows.jsonl", fixture_rows() * 2)
+    out = tmp_path / "finetuned"
+    arguments = ["finetune", str(converted), str(data), "--output-dir", str(out), "--max-steps", "2"]
+    assert main([*arguments, "--learning-rate", "1e-2", "--eval-fraction", "0.2", "--gradient-checkpointing"]) == 0
+    before = GpaForConditionalGeneration.from_pretrained(converted)
+    after = GpaForConditionalGeneration.from_pretrained(out)
+    assert not torch.equal(after.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    frozen = after.bicodec.state_dict()
+    assert all(torch.equal(value, frozen[key]) for key, value in before.bicodec.state_dict().items())
+    assert (
+        GpaProcessor.from_pretrained(out).tokenizer.vocab_size
+        == GpaProcessor.from_pretrained(converted).tokenizer.vocab_size
+    )
+
+
+def test_finetune_command_errors_name_the_problem(converted, tmp_path, monkeypatch, capsys):
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"task": "stt", "audio": "nowhere.wav", "text": TEXT}])
+    out = str(tmp_path / "out")
+    assert main(["finetune", str(converted), str(missing), "--output-dir", out]) == 1
+    assert "no row could be prepared" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "peft", None)  # as when peft is not installed
+    data = write_jsonl(tmp_path / "rows.jsonl", fixture_rows())
+    assert main(["finetune", str(converted), str(data), "--output-dir", out, "--lora"]) == 1
+    assert "pip install 'gpa-hf[lora]'" in capsys.readouterr().err
+
+
 def test_trainer_groups_rows_by_prompt_length(gpa, tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
     from datasets import concatenate_datasets
-    from finetune import build_trainer
+
+    from gpa_hf.training_gpa import build_trainer
 
     model, processor = gpa
     dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows()))
@@ -411,22 +437,21 @@ def test_semantic_input_noise_changes_only_semantic_targets_in_the_inputs(conver
 
 
 def test_trainer_adds_semantic_input_noise_only_while_training(gpa, tmp_path, monkeypatch):
-    sys.path.insert(0, str(EXAMPLES))
-    import finetune
+    from gpa_hf import training_gpa
 
     model, processor = gpa
     dataset = load_jsonl_dataset(write_jsonl(tmp_path / "rows.jsonl", fixture_rows()))
     prepared, _ = prepare_dataset(dataset, model, processor, cache_dir=tmp_path / "cache")
     seen = []
-    original = finetune.add_semantic_input_noise
+    original = training_gpa.add_semantic_input_noise
 
     def recording(input_ids, labels, layout, probability):
         noisy = original(input_ids, labels, layout, probability)
         seen.append(int((noisy != input_ids).sum()))
         return noisy
 
-    monkeypatch.setattr(finetune, "add_semantic_input_noise", recording)
-    trainer = finetune.build_trainer(
+    monkeypatch.setattr(training_gpa, "add_semantic_input_noise", recording)
+    trainer = training_gpa.build_trainer(
         model,
         processor,
         prepared,

@@ -43,10 +43,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from transformers import AutoTokenizer, Wav2Vec2Config
 from transformers.audio_utils import mel_filter_bank
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import DIGITS, build_corpus
-from finetune import build_trainer
 
 from gpa_hf import (
     BiCodecConfig,
@@ -67,6 +65,7 @@ from gpa_hf.data_gpa import load_jsonl_dataset, prepare_dataset
 from gpa_hf.evaluation_gpa import evaluate_gpa, write_report
 from gpa_hf.generation_gpa import build_generation_config
 from gpa_hf.modeling_bicodec import lengths_to_mask
+from gpa_hf.training_gpa import build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_SOURCE = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint_original_layout"

@@ -61,10 +61,12 @@ __all__ = [
     "GpaForConditionalGeneration",
     "GpaGenerateOutput",
     "GpaProcessor",
+    "GpaTrainer",
     "GpaVocabularyLayout",
     "GpaVoice",
     "PreparationReport",
     "add_semantic_input_noise",
+    "build_trainer",
     "load_audio",
     "load_jsonl_dataset",
     "prepare_dataset",
@@ -74,3 +76,14 @@ __all__ = [
 from .pipelines import register_pipelines  # noqa: E402
 
 register_pipelines()
+
+_TRAINING_NAMES = ("GpaTrainer", "build_trainer")
+
+
+def __getattr__(name: str):
+    """The training helpers import `transformers.Trainer` (0.3 s): loaded on first use, not with every command."""
+    if name in _TRAINING_NAMES:
+        from . import training_gpa
+
+        return getattr(training_gpa, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""`gpa-hf`: the everyday jobs from the shell (tts, asr, vc, voice, tokenize, decode, prepare-data, eval, convert)."""
+"""`gpa-hf`: the everyday jobs from the shell (tts, asr, vc, voice, tokenize, decode, prepare-data, finetune, eval,
+convert)."""
 
 from __future__ import annotations
 
@@ -261,6 +262,36 @@ def cmd_prepare_data(args) -> None:
     print(f"wrote {args.output_dir} ({report.num_kept} rows)")
 
 
+def cmd_finetune(args) -> None:
+    from .training_gpa import add_lora, build_trainer, load_training_data
+
+    model, processor = load_gpa(args.model)
+    dataset = load_training_data(model, processor, args.data, args.max_length)
+    if args.lora:
+        model = add_lora(model)
+        model.print_trainable_parameters()
+    trainer = build_trainer(
+        model,
+        processor,
+        dataset,
+        args.output_dir,
+        eval_fraction=args.eval_fraction,
+        semantic_input_noise=args.semantic_input_noise,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=args.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+    )
+    trainer.train()
+    final = trainer.model.merge_and_unload() if args.lora else trainer.model
+    final.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    print(f"saved the fine-tuned model to {args.output_dir}")
+
+
 def cmd_eval(args) -> None:
     from .evaluation_gpa import TransformersSpeakerEmbedder, evaluate_gpa, write_report
 
@@ -385,6 +416,41 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", dest="cache_dir", help="tokenization cache (default: the datasets cache)")
     prepare.set_defaults(func=cmd_prepare_data)
 
+    finetune = commands.add_parser(
+        "finetune", help="train the LM on a jsonl data file or a prepare-data folder (transformers' Trainer)"
+    )
+    finetune.add_argument("model")
+    finetune.add_argument("data", help="reference-format .jsonl (prepared and cached first) or a prepare-data folder")
+    finetune.add_argument("--output-dir", dest="output_dir", required=True, help="checkpoints and the final model")
+    finetune.add_argument("--epochs", type=float, default=2)
+    finetune.add_argument(
+        "--max-steps", dest="max_steps", type=int, default=-1, help="stop after N steps (-1: epochs)"
+    )
+    finetune.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-5)
+    finetune.add_argument("--batch-size", dest="batch_size", type=int, default=2)
+    finetune.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int, default=1)
+    finetune.add_argument(
+        "--eval-fraction", dest="eval_fraction", type=float, default=0.05, help="rows held out, evaluated each epoch"
+    )
+    finetune.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    finetune.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
+    finetune.add_argument(
+        "--group-by-length",
+        dest="group_by_length",
+        action="store_true",
+        help="batch rows of similar length together (less padding, faster)",
+    )
+    finetune.add_argument(
+        "--semantic-input-noise",
+        dest="semantic_input_noise",
+        type=float,
+        default=0.0,
+        help="probability that a semantic input token of a training sequence is replaced by another (its label "
+        "stays): makes TTS and VC robust to their own sampling errors",
+    )
+    finetune.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all LM weights (peft)")
+    finetune.set_defaults(func=cmd_finetune)
+
     evaluate = commands.add_parser("eval", help="measure ASR error rates, TTS intelligibility or VC similarity")
     evaluate.add_argument("model")
     evaluate.add_argument("data", help="reference-format .jsonl (paths relative to it) or a datasets folder")
@@ -431,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 args.tokens = given[0]
         args.func(args)
-    except (ValueError, CheckpointMismatchError, OSError) as error:
+    except (ValueError, CheckpointMismatchError, OSError, ImportError) as error:
         print(f"gpa-hf {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,25 +1,19 @@
-"""Fine-tune GPA with the stock `transformers.Trainer`.
+"""Fine-tuning GPA with the stock `transformers.Trainer` (what `gpa-hf finetune` runs).
 
-    python examples/finetune.py MODEL DATA --output-dir OUT [--lora] [--epochs 2] [--eval-fraction 0.05]
-
-MODEL is a gpa-hf folder, a Hub id or a published-layout folder; DATA is a reference-format jsonl file (tokenized
-once with `prepare_dataset` and cached) or a folder written by `gpa-hf prepare-data`. Only the LM trains: the audio
-tokenizers are frozen, since every prepared sequence was made with them. A held-out split is evaluated every epoch;
-bf16 is used on GPUs that support it; `--lora` trains LoRA adapters through peft (`pip install gpa-hf[lora]`).
+Only the LM trains: the audio tokenizers are frozen, since every prepared sequence was made with them. A held-out
+split is evaluated every epoch, bf16 is used on GPUs that support it, and LoRA adapters (through peft) can replace
+full fine-tuning.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments
 
-from gpa_hf.cli import load_gpa
-from gpa_hf.configuration_gpa import GpaVocabularyLayout
-from gpa_hf.data_gpa import (
+from .configuration_gpa import GpaVocabularyLayout
+from .data_gpa import (
     DEFAULT_MAX_LENGTH,
     GpaDataCollator,
     add_semantic_input_noise,
@@ -27,15 +21,20 @@ from gpa_hf.data_gpa import (
     prepare_dataset,
 )
 
+# The reference's LoRA targets: every attention and MLP projection of the LM.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_training_data(model, processor, data: str, max_length: int = DEFAULT_MAX_LENGTH):
-    """A prepared dataset: loaded from a `prepare-data` folder, or prepared (and cached) from a jsonl file."""
+def load_training_data(model, processor, data: str | Path, max_length: int = DEFAULT_MAX_LENGTH):
+    """A prepared dataset: a `gpa-hf prepare-data` folder as it is, or a jsonl file prepared (and cached) here."""
     if Path(data).is_dir():
-        return load_from_disk(data)
+        from datasets import load_from_disk
+
+        return load_from_disk(str(data))
     prepared, report = prepare_dataset(load_jsonl_dataset(data), model, processor, max_length=max_length)
     print(report)
+    if report.num_kept == 0:
+        raise ValueError(f"{data}: no row could be prepared, so there is nothing to train on")
     return prepared
 
 
@@ -50,7 +49,7 @@ def add_lora(model, rank: int = 64, alpha: int = 16, dropout: float = 0.05):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
-        raise SystemExit("--lora needs peft: pip install 'gpa-hf[lora]'") from error
+        raise ImportError("LoRA fine-tuning needs peft: pip install 'gpa-hf[lora]'") from error
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )
@@ -85,9 +84,15 @@ def build_trainer(
     eval_fraction: float = 0.05,
     seed: int = 0,
     semantic_input_noise: float = 0.0,
+    activation_checkpointing: bool = False,
     **training_kwargs,
 ) -> GpaTrainer:
-    """A `Trainer` over a prepared dataset, with a held-out split when there are enough rows for one."""
+    """A `GpaTrainer` over a prepared dataset, with a held-out split when there are enough rows for one.
+
+    `training_kwargs` override the `TrainingArguments` defaults (the reference's optimiser settings).
+    `activation_checkpointing` is passed under the name this transformers version knows (older ones call it
+    `gradient_checkpointing`, which newer ones deprecate).
+    """
     freeze_audio_tokenizers(model)
     dataset = dataset.select_columns(["input_ids", "labels"])
     eval_dataset = None
@@ -113,6 +118,9 @@ def build_trainer(
         "dataloader_pin_memory": torch.cuda.is_available(),
         "seed": seed,
     }
+    if activation_checkpointing:
+        renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        defaults["activation_checkpointing" if renamed else "gradient_checkpointing"] = True
     arguments = TrainingArguments(output_dir=output_dir, **{**defaults, **training_kwargs})
     return GpaTrainer(
         model=model,
@@ -126,56 +134,4 @@ def build_trainer(
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("data", help="reference-format jsonl, or a folder from gpa-hf prepare-data")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--eval-fraction", type=float, default=0.05)
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument(
-        "--group-by-length", action="store_true", help="batch rows of similar length together (less padding, faster)"
-    )
-    parser.add_argument(
-        "--semantic-input-noise",
-        type=float,
-        default=0.0,
-        help="probability that a semantic input token of a training sequence is replaced by another (its label "
-        "stays): makes TTS and VC robust to their own sampling errors",
-    )
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all LM weights")
-    args = parser.parse_args()
-
-    model, processor = load_gpa(args.model)
-    dataset = load_training_data(model, processor, args.data, args.max_length)
-    if args.lora:
-        model = add_lora(model)
-        model.print_trainable_parameters()
-    trainer = build_trainer(
-        model,
-        processor,
-        dataset,
-        args.output_dir,
-        eval_fraction=args.eval_fraction,
-        semantic_input_noise=args.semantic_input_noise,
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_checkpointing=args.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-    )
-    trainer.train()
-    final = trainer.model.merge_and_unload() if args.lora else trainer.model
-    final.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    print(f"saved the fine-tuned model to {args.output_dir}")
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["LORA_TARGETS", "GpaTrainer", "add_lora", "build_trainer", "freeze_audio_tokenizers", "load_training_data"]

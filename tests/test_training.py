@@ -210,6 +210,26 @@ def test_finetune_command_trains_the_lm_and_saves_a_loadable_model(converted, tm
     )
 
 
+def test_finetune_command_resumes_from_its_checkpoint_and_pushes_to_the_hub(converted, tmp_path, monkeypatch):
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+
+    pushed = []
+    for cls in (GpaForConditionalGeneration, GpaProcessor):
+        monkeypatch.setattr(cls, "push_to_hub", lambda self, repo_id, **kwargs: pushed.append((type(self), repo_id)))
+    data = write_jsonl(tmp_path / "rows.jsonl", fixture_rows() * 2)  # 5 training rows: 3 steps an epoch
+    out = tmp_path / "finetuned"
+    arguments = ["finetune", str(converted), str(data), "--output-dir", str(out), "--eval-fraction", "0.2"]
+    assert main([*arguments, "--max-steps", "3", "--learning-rate", "1e-2"]) == 0
+    assert (out / "checkpoint-3").is_dir()
+    first = GpaForConditionalGeneration.from_pretrained(out).model.embed_tokens.weight
+    # Resumed at its last step, no step is left, so another learning rate changes nothing (a fresh start would).
+    assert main([*arguments, "--max-steps", "3", "--learning-rate", "5e-2", "--resume", "--push-to-hub", "me/x"]) == 0
+    assert torch.equal(GpaForConditionalGeneration.from_pretrained(out).model.embed_tokens.weight, first)
+    assert pushed == [(GpaForConditionalGeneration, "me/x"), (GpaProcessor, "me/x")]
+    fresh = tmp_path / "fresh"
+    assert main(["finetune", str(converted), str(data), "--output-dir", str(fresh), "--resume"]) == 1
+
+
 def test_finetune_command_errors_name_the_problem(converted, tmp_path, monkeypatch, capsys):
     missing = write_jsonl(tmp_path / "missing.jsonl", [{"task": "stt", "audio": "nowhere.wav", "text": TEXT}])
     out = str(tmp_path / "out")

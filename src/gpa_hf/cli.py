@@ -285,11 +285,15 @@ def cmd_finetune(args) -> None:
         activation_checkpointing=args.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     final.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     print(f"saved the fine-tuned model to {args.output_dir}")
+    if args.push_to_hub:
+        final.push_to_hub(args.push_to_hub)
+        processor.push_to_hub(args.push_to_hub)
+        print(f"pushed the fine-tuned model to the Hub as {args.push_to_hub}")
 
 
 def cmd_eval(args) -> None:
@@ -449,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         "stays): makes TTS and VC robust to their own sampling errors",
     )
     finetune.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all LM weights (peft)")
+    finetune.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output-dir (same settings)"
+    )
+    finetune.add_argument(
+        "--push-to-hub", dest="push_to_hub", metavar="REPO_ID", help="also upload the final model and processor"
+    )
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = commands.add_parser("eval", help="measure ASR error rates, TTS intelligibility or VC similarity")

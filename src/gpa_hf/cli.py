@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 args.tokens = given[0]
         args.func(args)
-    except (ValueError, CheckpointMismatchError, OSError, ImportError) as error:
+    except (ValueError, CheckpointMismatchError, OSError, ModuleNotFoundError) as error:
         print(f"gpa-hf {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -49,7 +49,7 @@ def add_lora(model, rank: int = 64, alpha: int = 16, dropout: float = 0.05):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
-        raise ImportError("LoRA fine-tuning needs peft: pip install 'gpa-hf[lora]'") from error
+        raise ModuleNotFoundError("LoRA fine-tuning needs peft: pip install 'gpa-hf[lora]'") from error
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )

@@ -66,6 +66,7 @@ def main() -> int:
     torch.set_num_threads(2)
 
     codec_source, processor = load_original_gpa(FIXTURE_CHECKPOINT)
+    processor.max_source_seconds = None  # the LM learns each clip whole (up to 21 s), so it is asked about it whole
     model = new_tiny_gpa(codec_source)
     lm_parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("bicodec", "speech")))
     rows = [row for row in load_jsonl_dataset(args.data) if row["task"] == "tts-a"][: args.clips]

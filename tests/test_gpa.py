@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import AUDIO, ORIGINAL_CHECKPOINT
 from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
@@ -14,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
+from gpa_hf.audio_utils import load_audio, split_at_pauses
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.generation_gpa import (
     CACHE_GROWTH,
@@ -24,7 +27,7 @@ from gpa_hf.generation_gpa import (
     codec_call_groups,
 )
 from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaFusedAttention, GpaFusedMLP, GpaInt8OutputLayer
-from gpa_hf.pipelines import split_sentences
+from gpa_hf.processing_gpa import join_texts, split_text
 
 TEXT = "Hello world, this is Major Tom speaking."
 
@@ -367,12 +370,98 @@ def test_pipelines_take_a_gpa_model_object_and_still_require_stock_components(gp
         pipeline("automatic-speech-recognition", model=Wav2Vec2ForCTC(tiny_ctc))
 
 
-def test_split_sentences_keeps_all_text():
+def test_split_text_cuts_at_sentences_then_clauses_then_words():
     text = "First sentence. Second one! Third? " * 20
-    pieces = split_sentences(text, max_characters=60)
+    pieces = split_text(text, max_characters=60)
     assert all(len(p) <= 60 for p in pieces)
     assert " ".join(pieces).split() == text.split()
-    assert split_sentences("你好。今天天气很好。", 4) == ["你好。", "今天天气很好。"]
+    assert all(p.endswith((".", "!", "?")) for p in pieces)  # whole sentences while they fit
+    assert split_text("你好。今天天气很好。", 4) == ["你好。", "今天天气", "很好。"]
+    long_sentence = "one two three, four five six seven eight nine ten eleven twelve"
+    assert split_text(long_sentence, 20) == [
+        "one two three,",
+        "four five six seven",
+        "eight nine ten",
+        "eleven twelve",
+    ]
+    assert split_text("a Donaudampfschifffahrt b", 5) == ["a", "Donaudampfschifffahrt", "b"]  # a word stays whole
+    assert join_texts(["hello", "world", "你好", "世界"]) == "hello world 你好世界"
+
+
+def test_split_at_pauses_cuts_in_the_pauses_and_keeps_every_sample():
+    rate = 16000
+    noise = np.random.default_rng(0)
+    parts, pauses, position = [np.zeros(rate // 2)], [], rate // 2  # silence before the first sound stays attached
+    for seconds in (0.9, 1.4, 0.6, 1.2, 1.0):
+        samples = int(seconds * rate)
+        parts.append(
+            0.3 * np.sin(2 * np.pi * 220 * np.arange(samples) / rate) * (1 + 0.1 * noise.standard_normal(samples))
+        )
+        parts.append(np.zeros(int(0.4 * rate)))
+        pauses.append((position + samples, position + samples + parts[-1].size))
+        position = pauses[-1][1]
+    recording = np.concatenate(parts)
+    spans = split_at_pauses(recording, rate, max_seconds=2.0)
+    assert spans[0][0] == 0 and spans[-1][1] == recording.size
+    assert all(previous.stop == following.start for previous, following in itertools.pairwise(spans))
+    assert len(spans) == 5  # one utterance each
+    assert all(any(first < span.stop < last for first, last in pauses) for span in spans[:-1])
+    assert not any(span.silent for span in spans)
+    assert split_at_pauses(recording[:rate], rate, max_seconds=2.0) == [(0, rate, False)]
+    # Silence after the last sound stays attached; cutting inside it leaves spans of silence alone, marked silent
+    trailing = np.concatenate([recording[: int(1.2 * rate)], np.zeros(5 * rate)])
+    spans = split_at_pauses(trailing, rate, max_seconds=2.0)
+    assert len(spans) >= 3 and [span.silent for span in spans] == [False] + [True] * (len(spans) - 1)
+
+    # No pause: cuts at the quietest moments (a sound whose loudness swells and fades twice a second), within the limit
+    time = np.arange(10 * rate) / rate
+    hum = np.sin(2 * np.pi * 220 * time) * (1.05 + np.sin(2 * np.pi * 2 * time))
+    spans = split_at_pauses(hum, rate, max_seconds=3.0)
+    lengths = [stop - start for start, stop, _ in spans]
+    assert sum(lengths) == hum.size and max(lengths) <= 3 * rate and lengths[-1] >= 0.75 * rate
+    envelope = 1.05 + np.sin(2 * np.pi * 2 * time)
+    assert all(envelope[stop] < 0.2 for _, stop, _ in spans[:-1])
+    with pytest.raises(ValueError, match="max_seconds must be positive"):
+        split_at_pauses(hum, rate, 0)
+
+
+def test_long_requests_are_refused_by_the_processor_and_cut_by_the_pipelines(gpa):
+    """One prompt takes what the model was trained on; the pipelines cut longer input and join the outputs."""
+    model, processor = gpa
+    speech, rate = sf.read(AUDIO / "astro.wav", dtype="float32")
+    recording = np.concatenate([speech, np.zeros(rate // 2, dtype=np.float32)] * 4)  # 18.7 s
+    with pytest.raises(ValueError, match=r"audio 0 is 18\.7 s long.*max_source_seconds"):
+        processor(task="asr", audio=recording, sampling_rate=rate)
+    with pytest.raises(ValueError, match=r"text 0 has 259 characters.*max_text_characters"):
+        processor(task="tts", text="Hello there, how are you? " * 10)
+
+    pieces = processor.split("asr", audio=[recording, str(AUDIO / "000.wav")], sampling_rate=rate)
+    cut = len(pieces) - 1  # the pieces of the recording; the short clip stays whole
+    assert cut >= 2 and pieces.owners == [0] * cut + [1]
+    assert all(piece.size <= 14 * 16000 for piece in pieces.inputs)
+    np.testing.assert_array_equal(np.concatenate(pieces.inputs[:cut]), load_audio(recording, rate))
+    asr = pipeline("automatic-speech-recognition", model=model, processor=processor)
+    short = {"max_new_tokens": 4}
+    texts = asr([{"raw": recording, "sampling_rate": rate}, str(AUDIO / "000.wav")], generate_kwargs=short)
+    piece_by_piece = [
+        asr({"array": piece, "sampling_rate": 16000}, generate_kwargs=short)["text"] for piece in pieces.inputs
+    ]
+    assert [t["text"] for t in texts] == [join_texts(piece_by_piece[:cut]), piece_by_piece[cut]]
+
+    # A piece of silence is not converted: it stays silence
+    quiet_end = np.concatenate([speech, np.zeros(20 * rate, dtype=np.float32)])
+    pieces = processor.split("vc", audio=quiet_end, sampling_rate=rate, voice=str(AUDIO / "000.wav"))
+    silence = sum(piece.size for piece, silent in zip(pieces.inputs, pieces.silent) if silent)
+    assert silence > 0 and len(pieces) == len(pieces.inputs) - sum(pieces.silent)
+    vc = pipeline("voice-conversion", model=model, processor=processor)
+    converted = vc({"array": quiet_end, "sampling_rate": rate}, voice=str(AUDIO / "000.wav"), generate_kwargs=short)
+    assert converted["audio"].size > silence and not converted["audio"][-silence:].any()
+
+    text = "Hello there, how are you? " * 10
+    assert len(processor.split("tts", text=text)) == 2
+    three_tokens = {"max_new_tokens": 3, "min_new_tokens": 3}
+    speech = pipeline("text-to-speech", model=model, processor=processor)(text, generate_kwargs=three_tokens)
+    assert speech["audio"].size == 2 * 3 * model.config.bicodec_config.hop_length  # two pieces of 3 tokens
 
 
 def test_bad_input_gets_clear_errors(gpa, converted, tmp_path):

@@ -58,6 +58,49 @@ def test_asr_of_held_out_clips_is_close_to_the_transcripts(heldout, capsys):
     assert error_rate([row["text"] for row in heldout], predictions, "char") <= 0.25, predictions
 
 
+def test_asr_of_a_recording_with_silence_around_the_speech(heldout, capsys):
+    """Recordings rarely start with the speech: gpa-tiny trained on clips padded with silence too (an LM trained
+    on espeak-ng's clips alone, which start with the speech, misread clips after 40 ms of silence)."""
+    noise = np.random.default_rng(0)
+    padded = []
+    for index, row in enumerate(heldout):
+        speech, rate = sf.read(row["audio"], dtype="float32")
+        silence = np.zeros(int((0.2 + 0.1 * index) * rate), dtype=np.float32)
+        clip = np.concatenate([silence, speech, silence])
+        padded.append({"array": clip + 1e-3 * noise.standard_normal(clip.size), "sampling_rate": rate})
+    asr = pipeline("automatic-speech-recognition", model=gpa_hf.DEFAULT_MODEL)
+    predictions = [result["text"] for result in asr(padded, batch_size=4)]
+    assert error_rate([row["text"] for row in heldout], predictions, "char") <= 0.25, predictions
+
+
+def test_a_long_recording_is_transcribed_utterance_by_utterance(heldout, tmp_path, capsys):
+    """Four held-out utterances with pauses between them: longer than one prompt of gpa-tiny takes, so it is cut at
+    the pauses; in one prompt (which the processor refuses) gpa-tiny loses most of it."""
+    parts = []
+    for row in heldout:
+        speech, rate = sf.read(row["audio"], dtype="float32")
+        parts += [np.zeros(rate // 2, dtype=np.float32), speech]
+    recording = tmp_path / "long.wav"
+    sf.write(recording, np.concatenate(parts), rate)
+    processor = gpa_hf.GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+    assert sf.info(recording).duration > processor.max_source_seconds
+    with pytest.raises(ValueError, match="max_source_seconds"):
+        processor(task="asr", audio=str(recording))
+    assert main(["asr", str(recording), "--json"]) == 0
+    transcript = json.loads(capsys.readouterr().out)[str(recording)]
+    assert error_rate([" ".join(row["text"] for row in heldout)], [transcript], "char") <= 0.25, transcript
+
+
+def test_long_text_is_spoken_in_pieces(tmp_path, capsys):
+    """Twelve digits are twice what gpa-tiny was trained to say in one prompt: said in two pieces, all of them."""
+    text = "six six zero four eight seven six four seven five nine three"
+    assert len(text) > gpa_hf.GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL).max_text_characters
+    output = tmp_path / "twelve.wav"
+    assert main(["tts", "--text", text, "--output", str(output), "--seed", "0"]) == 0
+    audio, _ = sf.read(output)
+    assert_speech(audio, 3.5, 12.0)  # one prompt: 2.1-3.2 s, about six digits
+
+
 def test_int8_lm_transcribes_about_as_well_as_float32(heldout, capsys):
     """Int8 rounding may change a word (on the recipe's 100 held-out clips: CER 0.9% against 1.1% in float32), eagerly
     (fbgemm) and in a compiled CPU step (oneDNN's int8 products, its input quantized with all 8 bits)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -17,7 +17,8 @@ import soxr
 import torch
 
 AudioInput = str | os.PathLike | np.ndarray | torch.Tensor | Mapping[str, Any]
-"""A path, an array (with a sampling rate), or a `datasets` Audio dict (`array` + `sampling_rate`, or `path`)."""
+"""A path, an array (with a sampling rate), or a `datasets` Audio dict (`array` or `raw` + `sampling_rate`, or
+`path`)."""
 
 RESAMPLE_QUALITY = "VHQ"
 
@@ -81,14 +82,15 @@ def load_audio(
     """
     name = _describe(audio)
     if isinstance(audio, Mapping):
-        if audio.get("array") is not None:
-            return load_audio(audio["array"], audio.get("sampling_rate"), target_sampling_rate, start_time, end_time)
+        array = audio.get("array", audio.get("raw"))  # `raw`: the stock ASR pipeline's name
+        if array is not None:
+            return load_audio(array, audio.get("sampling_rate"), target_sampling_rate, start_time, end_time)
         if audio.get("bytes") is not None:
             samples, sampling_rate = _read_file(io.BytesIO(audio["bytes"]), name, start_time, end_time)
         elif audio.get("path"):
             samples, sampling_rate = _read_file(audio["path"], name, start_time, end_time)
         else:
-            raise ValueError(f"{name}: an audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'")
+            raise ValueError(f"{name}: an audio dict needs 'array' (or 'raw') + 'sampling_rate', 'bytes' or 'path'")
     elif isinstance(audio, (str, os.PathLike)):
         samples, sampling_rate = _read_file(os.fspath(audio), name, start_time, end_time)
     elif isinstance(audio, (np.ndarray, torch.Tensor)):
@@ -120,6 +122,68 @@ def load_audio(
     if sampling_rate != target_sampling_rate:
         samples = soxr.resample(samples, sampling_rate, target_sampling_rate, quality=RESAMPLE_QUALITY)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+PAUSE_FRAME_SECONDS = 0.01
+PAUSE_MIN_SECONDS = 0.3  # a silence this long between two stretches of sound ends an utterance
+PAUSE_DEPTH_DB = 35.0  # silence: this far below the recording's loud frames (its 95th percentile)
+QUIET_WINDOW_SECONDS = 0.2  # power averaged over this long, so that a pause outranks a quiet sound in a word
+QUIET_TOLERANCE_DB = 1.0
+
+
+class AudioSpan(NamedTuple):
+    """Samples `start` to `stop` of a recording; `silent` when every 10 ms of it is silence (see `split_at_pauses`)."""
+
+    start: int
+    stop: int
+    silent: bool
+
+
+def split_at_pauses(waveform: np.ndarray, sampling_rate: int, max_seconds: float) -> list[AudioSpan]:
+    """Cut a recording longer than `max_seconds` into utterances: consecutive spans of its samples.
+
+    A model trained on single utterances fails on a long recording, and even on two utterances with a pause between
+    them, so long audio is cut in the middle of every pause (0.3 s or more, 35 dB below the loud frames; silence
+    before the first sound and after the last stays attached). An utterance still longer than `max_seconds` is cut
+    where the power averaged over 0.2 s is lowest within the second half of what remains of its first `max_seconds`
+    (the latest such point within 1 dB), and so on; its last piece is kept at least a quarter of `max_seconds` long.
+    Such a cut can leave a span of silence alone (`silent`), which a caller need not send to a model.
+    The spans cover every sample once, in order: nothing is dropped or repeated. A recording no longer than
+    `max_seconds` stays whole.
+    """
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    samples = np.asarray(waveform, dtype=np.float64).reshape(-1)
+    total, longest = samples.size, max(1, int(max_seconds * sampling_rate))
+    if total <= longest:
+        return [AudioSpan(0, total, False)]
+    hop = max(1, round(PAUSE_FRAME_SECONDS * sampling_rate))
+    frames = -(-total // hop)
+    power = np.pad(samples**2, (0, frames * hop - total)).reshape(frames, hop).mean(-1)
+    level = 10 * np.log10(power + 1e-12)
+    silent = level < np.percentile(level, 95) - PAUSE_DEPTH_DB
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], silent.astype(np.int8), [0]])))
+    shortest_pause = round(PAUSE_MIN_SECONDS / PAUSE_FRAME_SECONDS)
+    cuts = [
+        (first + last) * hop // 2
+        for first, last in edges.reshape(-1, 2)  # each pause: its first silent frame, the first frame after it
+        if last - first >= shortest_pause and first > 0 and last < frames
+    ]
+    width = max(1, round(QUIET_WINDOW_SECONDS / PAUSE_FRAME_SECONDS))
+    smoothed = 10 * np.log10(np.convolve(power, np.ones(width) / width, mode="same") + 1e-12)
+    bounds = []
+    for start, stop in zip([0, *cuts], [*cuts, total]):
+        while stop - start > longest:
+            first, last = start + longest // 2, min(start + longest, stop - longest // 4)
+            candidates = np.arange(-(-first // hop), last // hop + 1)  # frames whose start lies in [first, last]
+            cut = last
+            if candidates.size:
+                quiet = candidates[smoothed[candidates] <= smoothed[candidates].min() + QUIET_TOLERANCE_DB]
+                cut = min(max(int(quiet[-1]) * hop + hop // 2, first), last)
+            bounds.append((start, cut))
+            start = cut
+        bounds.append((start, stop))
+    return [AudioSpan(start, stop, bool(silent[start // hop : -(-stop // hop)].all())) for start, stop in bounds]
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray | torch.Tensor, sampling_rate: int = 16000) -> None:

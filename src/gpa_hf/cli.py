@@ -17,6 +17,7 @@ from .configuration_gpa import TASKS
 from .convert_codecs import CheckpointMismatchError
 from .data_gpa import DEFAULT_MAX_LENGTH
 from .default_model import DEFAULT_MODEL
+from .processing_gpa import run_requests
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff"}
 MODEL_HELP = f"gpa-hf folder, Hub id or published-layout folder (default: the embedded gpa-tiny, {DEFAULT_MODEL})"
@@ -92,46 +93,49 @@ def _generate_kwargs(args) -> dict:
     return kwargs
 
 
-def _run_task(args, task: str, **processor_kwargs):
-    """Build the prompt; print it (`--dry-run`) or generate. Returns (model, generate output), or None on a dry run."""
+def _dry_run(args, task: str, **request) -> None:
+    """Print the prompt ids (one list per prompt; a long request makes several) as JSON; generate nothing."""
     model, processor = _seeded_model(args, [task])
-    inputs = processor(task=task, **processor_kwargs)
-    if args.dry_run:
+    prompts = []
+    for arguments in processor.split(task, **request).batches(1):
+        inputs = processor(**arguments)
         filled = model.fill_audio_tokens(**{k: v for k, v in inputs.items() if k != "attention_mask"})
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(filled, inputs["attention_mask"])]
-        print(json.dumps({"input_ids": prompts[0] if len(prompts) == 1 else prompts}))
-        return None
-    return model, model.generate(**inputs, task=task, output_audio=task != "asr", **_generate_kwargs(args))
+        prompts += [ids[mask.bool()].tolist() for ids, mask in zip(filled, inputs["attention_mask"])]
+    print(json.dumps({"input_ids": prompts[0] if len(prompts) == 1 else prompts}))
 
 
-def _speak(args, task: str, **processor_kwargs) -> None:
+def _speak(args, task: str, **request) -> None:
     """Run a TTS or VC request and write its waveform to `args.output` (as it is generated with `--stream`)."""
-    if getattr(args, "stream", False) and not args.dry_run:
-        _stream(args, task, **processor_kwargs)
+    if args.dry_run:
+        _dry_run(args, task, **request)
         return
-    result = _run_task(args, task, **processor_kwargs)
-    if result is not None:
-        model, output = result
-        rate = model.config.sampling_rate
-        write_wav(args.output, output.audio[0], rate)
-        print(f"wrote {args.output} ({output.audio[0].numel() / rate:.2f} s)")
+    if getattr(args, "stream", False):
+        _stream(args, task, **request)
+        return
+    model, processor = _seeded_model(args, [task])
+    waveform = run_requests(model, processor, task, generate_kwargs=_generate_kwargs(args), **request)[0]
+    rate = model.config.sampling_rate
+    write_wav(args.output, waveform, rate)
+    print(f"wrote {args.output} ({waveform.numel() / rate:.2f} s)")
 
 
-def _stream(args, task: str, **processor_kwargs) -> None:
+def _stream(args, task: str, **request) -> None:
+    """Write the audio of each piece of the request (see `GpaProcessor.split`) as it is generated."""
     import soundfile as sf
 
     model, processor = _seeded_model(args, [task])
     rate = model.config.sampling_rate
     started = time.perf_counter()
-    inputs = processor(task=task, **processor_kwargs)
     samples, first_chunk_s = 0, None
     with sf.SoundFile(args.output, "w", samplerate=rate, channels=1, subtype="FLOAT") as output:
-        for chunk in model.generate_stream(**inputs, task=task, **_generate_kwargs(args)):
-            if first_chunk_s is None:
-                first_chunk_s = time.perf_counter() - started
-            output.write(chunk.numpy())
-            output.flush()
-            samples += chunk.numel()
+        for arguments in processor.split(task, **request).batches(1):
+            inputs = processor(**arguments)
+            for chunk in model.generate_stream(**inputs, task=task, **_generate_kwargs(args)):
+                if first_chunk_s is None:
+                    first_chunk_s = time.perf_counter() - started
+                output.write(chunk.numpy())
+                output.flush()
+                samples += chunk.numel()
     first = f", first audio after {first_chunk_s:.2f} s" if first_chunk_s is not None else ""
     print(f"wrote {args.output} ({samples / rate:.2f} s{first})")
 
@@ -146,18 +150,11 @@ def cmd_vc(args) -> None:
 
 def cmd_asr(args) -> None:
     if args.dry_run:
-        _run_task(args, "asr", audio=args.audio)
+        _dry_run(args, "asr", audio=args.audio)
         return
     model, processor = _seeded_model(args, ["asr"])
-    texts = {}
-    for start in tqdm(
-        range(0, len(args.audio), args.batch_size), desc="asr", disable=len(args.audio) <= args.batch_size
-    ):
-        batch = args.audio[start : start + args.batch_size]
-        inputs = processor(task="asr", audio=batch)
-        sequences = model.generate(**inputs, task="asr", **_generate_kwargs(args))
-        for path, sequence in zip(batch, sequences):
-            texts[path] = processor.decode_text(sequence[inputs["input_ids"].shape[1] :])
+    transcripts = run_requests(model, processor, "asr", args.batch_size, _generate_kwargs(args), audio=args.audio)
+    texts = dict(zip(args.audio, transcripts))
     if args.json:
         print(json.dumps(texts, ensure_ascii=False))
     else:

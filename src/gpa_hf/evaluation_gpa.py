@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .audio_utils import pitch_track, write_wav
 from .data_gpa import PreparationReport, read_row_audio
+from .processing_gpa import has_cjk, run_requests
 
 SpeakerEmbedder = Callable[[Sequence[np.ndarray]], torch.Tensor]
 """Maps 16 kHz mono waveforms to one speaker embedding each, shape (n, dim)."""
@@ -38,12 +39,6 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(" " if unicodedata.category(char)[0] in "PS" else char for char in text)
     return " ".join(text.split())
-
-
-def has_cjk(text: str) -> bool:
-    return any(
-        "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf" or "\u3040" <= char <= "\u30ff" for char in text
-    )
 
 
 def _char_text(text: str) -> str:
@@ -182,13 +177,10 @@ def pitch_closer_to_target(output: float | None, target: float | None, source: f
 
 
 # ---- evaluation runs ---------------------------------------------------------------------------------------
-def _generate(model, processor, task: str, generate_kwargs: dict, **processor_kwargs):
-    inputs = processor(task=task, sampling_rate=16000, **processor_kwargs)
-    output = model.generate(**inputs, task=task, output_audio=task != "asr", **generate_kwargs)
-    if task == "asr":
-        length = inputs["input_ids"].shape[1]
-        return [processor.decode_text(sequence[length:]) for sequence in output]
-    return [audio.numpy() for audio in output.audio]
+def _generate(model, processor, task: str, batch_size: int, generate_kwargs: dict, **request):
+    """Outputs of a batch of requests; one longer than a prompt takes runs in pieces (`run_requests`)."""
+    outputs = run_requests(model, processor, task, batch_size, generate_kwargs, sampling_rate=16000, **request)
+    return outputs if task == "asr" else [audio.numpy() for audio in outputs]
 
 
 def _load_rows(
@@ -232,7 +224,7 @@ def _recognizer(model, processor, asr_model: str | None, batch_size: int, genera
             raise ValueError("the model was loaded without ASR; load it with tasks including 'asr' or pass asr_model=")
 
         def recognise(waveforms: list[np.ndarray]) -> list[str]:
-            return _generate(model, processor, "asr", generate_kwargs, audio=waveforms)
+            return _generate(model, processor, "asr", batch_size, generate_kwargs, audio=waveforms)
 
         return recognise
     from transformers import pipeline
@@ -299,7 +291,7 @@ def evaluate_gpa(
         predictions = []
         for batch in _batches(items, batch_size, "asr"):
             predictions += _generate(
-                model, processor, "asr", generate_kwargs, audio=[i["audio_samples"] for i in batch]
+                model, processor, "asr", batch_size, generate_kwargs, audio=[i["audio_samples"] for i in batch]
             )
         results, metrics = _scored(items, predictions)
     elif task == "tts":
@@ -308,7 +300,8 @@ def evaluate_gpa(
         for batch in _batches(items, batch_size, "tts"):
             # The voice: the row's ref_audio, else its own recording, else (None) the model's default voice.
             voices = [i.get("ref_audio_samples", i.get("audio_samples")) for i in batch]
-            audio = _generate(model, processor, "tts", generate_kwargs, text=[i["text"] for i in batch], voice=voices)
+            wanted = [i["text"] for i in batch]
+            audio = _generate(model, processor, "tts", batch_size, generate_kwargs, text=wanted, voice=voices)
             outputs += audio
             spoken = [index for index, waveform in enumerate(audio) if has_sound(waveform)]
             recognised = recognise([audio[k] for k in spoken]) if spoken else []
@@ -337,6 +330,7 @@ def evaluate_gpa(
                 model,
                 processor,
                 "vc",
+                batch_size,
                 generate_kwargs,
                 audio=[i["audio_samples"] for i in batch],
                 voice=[i["ref_audio_samples"] for i in batch],

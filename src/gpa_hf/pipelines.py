@@ -7,11 +7,7 @@ model runs the stock code path unchanged); `voice-conversion` is a new task.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-
 import numpy as np
-import torch
 from transformers import (
     AutomaticSpeechRecognitionPipeline,
     AutoModelForCausalLM,
@@ -22,30 +18,15 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_gpa import GpaForConditionalGeneration
-from .processing_gpa import GpaProcessor
+from .processing_gpa import GpaProcessor, run_requests
 
-MAX_SENTENCE_CHARACTERS = 200
-_SENTENCE_END = re.compile(r"(?<=[.!?;:。！？；…])\s+|(?<=[。！？；])")
-
-
-def split_sentences(text: str, max_characters: int = MAX_SENTENCE_CHARACTERS) -> list[str]:
-    """Cut long text at sentence ends into pieces of at most `max_characters` (a longer sentence stays whole)."""
-    pieces, current = [], ""
-    for sentence in (s.strip() for s in _SENTENCE_END.split(text.strip())):
-        if not sentence:
-            continue
-        if current and len(current) + 1 + len(sentence) > max_characters:
-            pieces.append(current)
-            current = sentence
-        else:
-            current = f"{current} {sentence}".strip()
-    if current:
-        pieces.append(current)
-    return pieces
+DEFAULT_PIECES_PER_BATCH = 8
 
 
 class GpaPipelineMixin:
-    """Runs GPA requests in groups of `batch_size`, each group as one batched `generate` call.
+    """Runs GPA requests through [`run_requests`]: each cut into the pieces one prompt takes (text at sentence ends,
+    audio at pauses), the pieces generated in batches of `batch_size` (default 8), and their outputs joined per
+    request.
 
     A GPA model needs only its processor, found by the model's name when not given, so the subclasses load the stock
     pipelines' tokenizer and feature extractor only where they can (`pipeline(task, model=model_object)` works for a
@@ -64,29 +45,25 @@ class GpaPipelineMixin:
         if not isinstance(self.processor, GpaProcessor):
             self.processor = GpaProcessor.from_pretrained(self.model.name_or_path)
 
-    def _gpa_call(self, inputs, batch_size: int | None, **kwargs):
+    def _gpa_call(self, task: str, inputs, batch_size: int | None, generate_kwargs: dict | None, **request):
         single = not isinstance(inputs, (list, tuple))
         items = [inputs] if single else list(inputs)
-        batch_size = batch_size or getattr(self, "_batch_size", None) or 1
-        results = []
-        for start in range(0, len(items), batch_size):
-            results.extend(self._gpa_batch(items[start : start + batch_size], **kwargs))
+        batch_size = batch_size or getattr(self, "_batch_size", None) or DEFAULT_PIECES_PER_BATCH
+        request["text" if task == "tts" else "audio"] = items
+        outputs = run_requests(self.model, self.processor, task, batch_size, generate_kwargs, **request)
+        if task == "asr":
+            results = [{"text": text} for text in outputs]
+        else:
+            rate = self.model.config.sampling_rate
+            results = [{"audio": waveform.numpy().astype(np.float32), "sampling_rate": rate} for waveform in outputs]
         return results[0] if single else results
-
-    def _generate(self, task: str, generate_kwargs: dict | None, **processor_kwargs):
-        inputs = self.processor(task=task, **processor_kwargs)
-        return self.model.generate(**inputs, task=task, **(generate_kwargs or {})), inputs["input_ids"].shape[1]
-
-    @staticmethod
-    def _audio_result(waveform: torch.Tensor, sampling_rate: int) -> dict:
-        return {"audio": waveform.numpy().astype(np.float32), "sampling_rate": sampling_rate}
 
 
 class GpaTextToAudioPipeline(GpaPipelineMixin, TextToAudioPipeline):
     """`pipeline("text-to-speech")`: `tts(text, voice=None, generate_kwargs=None)` -> `{"audio", "sampling_rate"}`.
 
-    `voice` is an audio file, array dict, `GpaVoice` or voice file; the model's default voice when omitted. Long
-    text is split at sentence ends, the pieces generated as one batch, and their audio joined.
+    `voice` is an audio file, array dict, `GpaVoice` or voice file (or one per text); the model's default voice when
+    omitted. Text longer than one prompt takes is cut at sentence ends, and the pieces' audio joined.
     """
 
     _load_tokenizer = None  # required for other models in `__init__`
@@ -104,36 +81,14 @@ class GpaTextToAudioPipeline(GpaPipelineMixin, TextToAudioPipeline):
             return super().__call__(text_inputs, **kwargs)
         if kwargs:
             raise ValueError(f"unknown arguments for GPA text-to-speech: {sorted(kwargs)}; use generate_kwargs=")
-        return self._gpa_call(text_inputs, batch_size, voice=voice, generate_kwargs=generate_kwargs)
-
-    def _gpa_batch(self, texts: Sequence[str], voice, generate_kwargs) -> list[dict]:
-        pieces, owners = [], []
-        for index, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"text-to-speech needs non-empty text, got {text!r}")
-            for piece in split_sentences(text):
-                pieces.append(piece)
-                owners.append(index)
-        voices = voice if isinstance(voice, (list, tuple)) else [voice] * len(texts)
-        if len(voices) != len(texts):
-            raise ValueError(f"got {len(voices)} voices for {len(texts)} texts")
-        piece_voices = [voices[owner] for owner in owners]
-        if all(v is None for v in piece_voices):
-            piece_voices = None
-        output, _ = self._generate(
-            "tts", {**(generate_kwargs or {}), "output_audio": True}, text=pieces, voice=piece_voices
-        )
-        joined = [[] for _ in texts]
-        for owner, waveform in zip(owners, output.audio):
-            joined[owner].append(waveform)
-        rate = self.model.config.sampling_rate
-        return [self._audio_result(torch.cat(parts), rate) for parts in joined]
+        return self._gpa_call("tts", text_inputs, batch_size, generate_kwargs, voice=voice)
 
 
 class GpaAutomaticSpeechRecognitionPipeline(GpaPipelineMixin, AutomaticSpeechRecognitionPipeline):
     """`pipeline("automatic-speech-recognition")` for GPA: `asr(audio)` -> `{"text"}`.
 
-    Audio of any length: the GLM tokenizer reads it in 30 s pieces and the length budget follows the duration.
+    Audio of any length: longer than one prompt takes (`processor.max_source_seconds`), it is cut at pauses and the
+    pieces' transcripts joined.
     """
 
     _load_tokenizer = _load_feature_extractor = None  # required for other models in `__init__`
@@ -153,17 +108,14 @@ class GpaAutomaticSpeechRecognitionPipeline(GpaPipelineMixin, AutomaticSpeechRec
             return super().__call__(inputs, **kwargs)
         if kwargs:
             raise ValueError(f"unknown arguments for GPA speech recognition: {sorted(kwargs)}; use generate_kwargs=")
-        return self._gpa_call(inputs, batch_size, generate_kwargs=generate_kwargs, sampling_rate=sampling_rate)
-
-    def _gpa_batch(self, audio: Sequence, generate_kwargs, sampling_rate) -> list[dict]:
-        sequences, prompt_length = self._generate(
-            "asr", generate_kwargs, audio=list(audio), sampling_rate=sampling_rate
-        )
-        return [{"text": self.processor.decode_text(s[prompt_length:])} for s in sequences]
+        return self._gpa_call("asr", inputs, batch_size, generate_kwargs, sampling_rate=sampling_rate)
 
 
 class GpaVoiceConversionPipeline(GpaPipelineMixin, Pipeline):
-    """`pipeline("voice-conversion")`: `vc(source_audio, voice=target)` -> `{"audio", "sampling_rate"}`."""
+    """`pipeline("voice-conversion")`: `vc(source_audio, voice=target)` -> `{"audio", "sampling_rate"}`.
+
+    A source longer than one prompt takes is cut at pauses, and the pieces' converted audio joined.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -174,19 +126,7 @@ class GpaVoiceConversionPipeline(GpaPipelineMixin, Pipeline):
     def __call__(self, inputs, voice=None, generate_kwargs=None, batch_size=None, sampling_rate=None, **kwargs):
         if kwargs:
             raise ValueError(f"unknown arguments for voice conversion: {sorted(kwargs)}; use generate_kwargs=")
-        return self._gpa_call(
-            inputs, batch_size, voice=voice, generate_kwargs=generate_kwargs, sampling_rate=sampling_rate
-        )
-
-    def _gpa_batch(self, sources: Sequence, voice, generate_kwargs, sampling_rate) -> list[dict]:
-        output, _ = self._generate(
-            "vc",
-            {**(generate_kwargs or {}), "output_audio": True},
-            audio=list(sources),
-            voice=voice,
-            sampling_rate=sampling_rate,
-        )
-        return [self._audio_result(w, self.model.config.sampling_rate) for w in output.audio]
+        return self._gpa_call("vc", inputs, batch_size, generate_kwargs, voice=voice, sampling_rate=sampling_rate)
 
     # The generic Pipeline steps are unused: `__call__` runs the batches itself.
     def _sanitize_parameters(self, **kwargs):
@@ -224,5 +164,4 @@ __all__ = [
     "GpaTextToAudioPipeline",
     "GpaVoiceConversionPipeline",
     "register_pipelines",
-    "split_sentences",
 ]

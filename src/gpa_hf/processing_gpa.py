@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +12,21 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import BatchFeature, ProcessorMixin
 
-from .audio_utils import AudioInput
+from .audio_utils import AudioInput, AudioSpan, load_audio, split_at_pauses
 from .configuration_gpa import TASKS, GpaVocabularyLayout
 
 DEFAULT_VOICE_FILE = "default_voice.safetensors"
 VOICE_FORMAT = "gpa-voice"
+
+# What one prompt of the published GPA takes. It was trained on sequences of up to 1,500 tokens: a 14 s voice
+# conversion (700 source + about 700 output semantic tokens) or a 14 s ASR prompt (875 tokens) and its transcript fit.
+MAX_SOURCE_SECONDS = 14.0
+MAX_TEXT_CHARACTERS = 200
+
+SENTENCE_ENDS, CLAUSE_ENDS, CJK_SENTENCE_ENDS = ".!?;:。！？；…", ",，、", "。！？；"
 
 # Values of `audio_input_mask`: which audio codes fill a placeholder position.
 GLM_PLACEHOLDER, SEMANTIC_PLACEHOLDER, GLOBAL_PLACEHOLDER = 1, 2, 3
@@ -76,6 +85,115 @@ class GpaVoice:
 VoiceInput = GpaVoice | AudioInput
 
 
+def has_cjk(text: str) -> bool:
+    return any(
+        "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf" or "\u3040" <= char <= "\u30ff" for char in text
+    )
+
+
+def _cut_rank(text: str, position: int) -> int | None:
+    """How good a place to cut `text` before `position` is: 0 a sentence end, 1 a clause end, 2 a space, 3 between
+    CJK characters; None inside a word."""
+    before, after = text[position - 1], text[position]
+    if before in SENTENCE_ENDS and (after.isspace() or before in CJK_SENTENCE_ENDS):
+        return 0
+    if before in CLAUSE_ENDS:
+        return 1
+    if after.isspace():
+        return 2
+    if has_cjk(before + after):
+        return 3
+    return None
+
+
+def split_text(text: str, max_characters: int) -> list[str]:
+    """Cut text into pieces of at most `max_characters`, best at sentence ends, else at commas, else between words.
+
+    Whole sentences are packed together while they fit; a longer sentence is cut at its last comma, space (or, in
+    CJK text, character) that fits. A single word longer than the limit stays whole. The pieces hold all the text,
+    in order: joined, they give the text again (up to the whitespace at the cuts).
+    """
+    if max_characters < 1:
+        raise ValueError(f"max_characters must be >= 1, got {max_characters}")
+    text, pieces, start = text.strip(), [], 0
+    while len(text) - start > max_characters:
+        ranked = [
+            (rank, p) for p in range(start + 1, start + max_characters + 1) if (rank := _cut_rank(text, p)) is not None
+        ]
+        if ranked:
+            best = min(rank for rank, _ in ranked)
+            cut = max(p for rank, p in ranked if rank == best)
+        else:  # one word longer than the limit
+            space = re.compile(r"\s").search(text, start + max_characters)
+            cut = space.start() if space else len(text)
+        pieces.append(text[start:cut].strip())
+        start = cut
+        while start < len(text) and text[start].isspace():
+            start += 1
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def join_texts(texts: Sequence[str]) -> str:
+    """Texts of consecutive pieces as one: a space between them, none where both sides are CJK."""
+    joined = ""
+    for text in (t.strip() for t in texts):
+        if not text:
+            continue
+        if joined and not (has_cjk(joined[-1]) and has_cjk(text[0])):
+            joined += " "
+        joined += text
+    return joined
+
+
+@dataclass
+class GpaRequestPieces:
+    """Requests cut into pieces that one prompt each can take ([`GpaProcessor.split`]), and the way back.
+
+    Run the pieces in batches (`batches` gives the processor's arguments for each), then `join` the pieces' outputs
+    into one per request: transcripts joined by spaces, waveforms end to end.
+    """
+
+    task: str
+    inputs: list  # a text (TTS) or a waveform (ASR, VC) per piece
+    voices: list | None  # the voice of each piece's request, a GpaVoice or a waveform (TTS, VC)
+    owners: list[int]  # the request each piece belongs to
+    silent: list[bool]  # pieces of pure silence, left out of the batches: no text, or as much silence, for them
+    num_requests: int
+    sampling_rate: int  # of the waveforms
+
+    def __len__(self) -> int:
+        """The pieces a model runs (silent ones left out)."""
+        return len(self.silent) - sum(self.silent)
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        """Processor arguments for consecutive groups of at most `batch_size` pieces: `processor(**arguments)`."""
+        sounding = [index for index, silent in enumerate(self.silent) if not silent]
+        for start in range(0, len(sounding), batch_size):
+            chosen = sounding[start : start + batch_size]
+            arguments: dict = {"task": self.task, "sampling_rate": self.sampling_rate}
+            arguments["text" if self.task == "tts" else "audio"] = [self.inputs[i] for i in chosen]
+            if self.voices is not None:
+                arguments["voice"] = [self.voices[i] for i in chosen]
+            yield arguments
+
+    def join(self, outputs: Sequence) -> list:
+        """One output per request from one per piece that ran, in order: texts joined, waveforms concatenated."""
+        if len(outputs) != len(self):
+            raise ValueError(f"got {len(outputs)} outputs for {len(self)} pieces")
+        given = iter(outputs)
+        grouped: list[list] = [[] for _ in range(self.num_requests)]
+        for owner, piece, silent in zip(self.owners, self.inputs, self.silent):
+            if not silent:
+                grouped[owner].append(next(given))
+            elif self.task == "vc":
+                grouped[owner].append(torch.zeros(len(piece)))
+        if self.task == "asr":
+            return [join_texts(parts) for parts in grouped]
+        return [torch.cat([torch.as_tensor(part) for part in parts]) for parts in grouped]
+
+
 class GpaProcessor(ProcessorMixin):
     r"""
     Turns text and audio into GPA prompts.
@@ -90,11 +208,26 @@ class GpaProcessor(ProcessorMixin):
     - VC:  `<start_global> P <end_global> <start_semantic> S <end_semantic> <end_content>`
 
     User text is encoded with special-token parsing off: a literal `<|end_content|>` in it stays text.
+
+    One prompt takes at most `max_source_seconds` of source audio and `max_text_characters` of text (what the model
+    was trained on; `None`: no limit), and longer input is refused with an error: a model fails on input much longer
+    than it has seen, and a TTS model stops early on long text, dropping its end. [`split`] cuts longer requests
+    into pieces (audio at pauses, text at sentence ends) and joins their outputs back; the pipelines, the CLI and
+    `gpa-hf eval` do so by themselves.
     """
 
-    def __init__(self, feature_extractor, tokenizer, vocabulary_layout: dict | None = None):
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        vocabulary_layout: dict | None = None,
+        max_source_seconds: float | None = MAX_SOURCE_SECONDS,
+        max_text_characters: int | None = MAX_TEXT_CHARACTERS,
+    ):
         super().__init__(feature_extractor, tokenizer)
         self.vocabulary_layout = vocabulary_layout
+        self.max_source_seconds = max_source_seconds
+        self.max_text_characters = max_text_characters
         # Saved beside the processor files as `default_voice.safetensors`.
         self.default_voice: GpaVoice | None = None
 
@@ -181,12 +314,21 @@ class GpaProcessor(ProcessorMixin):
             if texts:
                 raise ValueError(f"{task} takes no text=")
             batch_size = len(sources)
+        if self.max_text_characters is not None:
+            for index, item in enumerate(texts):
+                if isinstance(item, str) and len(item.strip()) > self.max_text_characters:
+                    raise ValueError(
+                        f"text {index} has {len(item.strip())} characters; one prompt of this model takes at most "
+                        f"{self.max_text_characters} (max_text_characters): split it with processor.split(), as "
+                        "the pipelines and the CLI do"
+                    )
         data: dict = {}
         semantic_counts, glm_counts = [], []
         if sources:
             features, semantic_counts, glm_counts = self.feature_extractor.source_features(
                 sources, sampling_rate, with_glm=task == "asr"
             )
+            self._check_source_lengths(features["source_attention_mask"].sum(-1).tolist())
             data.update(features)
         voices: list = []
         if task in ("tts", "vc"):
@@ -220,6 +362,71 @@ class GpaProcessor(ProcessorMixin):
             kinds.append([kind for ids, kind in parts for _ in ids])
         data.update(self._left_pad(sequences, kinds))
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_source_lengths(self, num_samples: Sequence[int]) -> None:
+        if self.max_source_seconds is None:
+            return
+        rate = self.feature_extractor.sampling_rate
+        for index, count in enumerate(num_samples):
+            if count > self.max_source_seconds * rate:
+                raise ValueError(
+                    f"audio {index} is {count / rate:.1f} s long; one prompt of this model takes at most "
+                    f"{self.max_source_seconds} s (max_source_seconds): split it at pauses with processor.split(), "
+                    "as the pipelines, the CLI and gpa-hf eval do"
+                )
+
+    def split(
+        self,
+        task: str,
+        text: str | Sequence[str] | None = None,
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        voice: VoiceInput | Sequence[VoiceInput] | None = None,
+        sampling_rate: int | None = None,
+    ) -> GpaRequestPieces:
+        """Requests (the arguments of `__call__`) cut into pieces one prompt each can take.
+
+        Text longer than `max_text_characters` is cut at sentence ends ([`split_text`]); audio longer than
+        `max_source_seconds` at pauses ([`gpa_hf.audio_utils.split_at_pauses`]). Each piece keeps its request's voice.
+        """
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: expected one of {list(TASKS)}")
+        requests = self._as_list(text) if task == "tts" else self._as_list(audio)
+        if not requests:
+            raise ValueError(
+                "text-to-speech needs text=" if task == "tts" else f"{task} needs audio= (the source speech)"
+            )
+        rate = self.feature_extractor.sampling_rate
+        inputs, owners, silent = [], [], []
+        for index, request in enumerate(requests):
+            if task == "tts":
+                if not isinstance(request, str) or not request.strip():
+                    raise ValueError(f"text must be a non-empty string, got {request!r}")
+                limit = self.max_text_characters
+                parts = [request] if limit is None else split_text(request, limit)
+                silent += [False] * len(parts)
+            else:
+                waveform = load_audio(request, sampling_rate, rate)
+                limit = self.max_source_seconds
+                spans = (
+                    [AudioSpan(0, waveform.size, False)] if limit is None else split_at_pauses(waveform, rate, limit)
+                )
+                parts = [waveform[span.start : span.stop] for span in spans]
+                silent += [span.silent for span in spans]
+            inputs.extend(parts)
+            owners.extend([index] * len(parts))
+        voices = None
+        if task in ("tts", "vc"):
+            request_voices = self._as_list(voice) or [None]
+            if len(request_voices) == 1:
+                request_voices = request_voices * len(requests)
+            if len(request_voices) != len(requests):
+                raise ValueError(
+                    f"got {len(request_voices)} voices for {len(requests)} inputs: give one voice or one per input"
+                )
+            loaded = [self.load_voice(v) for v in request_voices]
+            loaded = [v if isinstance(v, GpaVoice) else load_audio(v, sampling_rate, rate) for v in loaded]
+            voices = [loaded[owner] for owner in owners]
+        return GpaRequestPieces(task, inputs, voices, owners, silent, len(requests), rate)
 
     def _prompt_parts(
         self,
@@ -332,4 +539,41 @@ class GpaProcessor(ProcessorMixin):
             return None
 
 
-__all__ = ["DEFAULT_VOICE_FILE", "GpaProcessor", "GpaVoice"]
+def run_requests(
+    model,
+    processor: GpaProcessor,
+    task: str,
+    batch_size: int = 8,
+    generate_kwargs: dict | None = None,
+    **request,
+) -> list:
+    """Generate for requests of any length: transcripts (ASR) or 16 kHz waveforms (TTS, VC), one per request.
+
+    `request` holds the processor's arguments (`text`, `audio`, `voice`, `sampling_rate`). Requests longer than one
+    prompt takes are cut ([`GpaProcessor.split`]); the pieces run in batches of `batch_size`, with a progress bar
+    when there is more than one batch, and their outputs are joined per request.
+    """
+    pieces = processor.split(task, **request)
+    batches = -(-len(pieces) // batch_size)  # silent pieces are not run
+    outputs: list = []
+    for arguments in tqdm(pieces.batches(batch_size), total=batches, desc=task, disable=batches <= 1):
+        inputs = processor(**arguments)
+        generated = model.generate(**inputs, task=task, output_audio=task != "asr", **(generate_kwargs or {}))
+        if task == "asr":
+            length = inputs["input_ids"].shape[1]
+            outputs.extend(processor.decode_text(sequence[length:]) for sequence in generated)
+        else:
+            outputs.extend(audio.float().cpu() for audio in generated.audio)
+    return pieces.join(outputs)
+
+
+__all__ = [
+    "DEFAULT_VOICE_FILE",
+    "GpaProcessor",
+    "GpaRequestPieces",
+    "GpaVoice",
+    "has_cjk",
+    "join_texts",
+    "run_requests",
+    "split_text",
+]

@@ -95,10 +95,11 @@ def test_long_text_is_spoken_in_pieces(tmp_path, capsys):
     """Twelve digits are twice what gpa-tiny was trained to say in one prompt: said in two pieces, all of them."""
     text = "six six zero four eight seven six four seven five nine three"
     assert len(text) > gpa_hf.GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL).max_text_characters
-    output = tmp_path / "twelve.wav"
-    assert main(["tts", "--text", text, "--output", str(output), "--seed", "0"]) == 0
-    audio, _ = sf.read(output)
-    assert_speech(audio, 3.5, 12.0)  # one prompt: 2.1-3.2 s, about six digits
+    for flags in ([], ["--stream"]):  # a stream streams the pieces one after another
+        output = tmp_path / "twelve.wav"
+        assert main(["tts", "--text", text, "--output", str(output), "--seed", "0", *flags]) == 0
+        audio, _ = sf.read(output)
+        assert_speech(audio, 3.5, 12.0)  # one prompt: 2.1-3.2 s, about six digits
 
 
 def test_int8_lm_transcribes_about_as_well_as_float32(heldout, capsys):

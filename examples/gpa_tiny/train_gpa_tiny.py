@@ -2,7 +2,7 @@
 
     python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
 
-Stages (each prints its progress; the whole recipe takes about 100 minutes on 2 cores):
+Stages (each prints its progress; the whole recipe takes about 110 minutes on 2 cores):
 1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
@@ -15,8 +15,8 @@ Stages (each prints its progress; the whole recipe takes about 100 minutes on 2 
    - a GLM-style speech tokenizer (Whisper encoder layers, 12.5 Hz, 64 codes) trained with a word CTC head;
 3. the LM: a small Qwen3 trained with the stock Trainer on the prepared TTS / ASR / VC sequences, in five cycles
    of 3 epochs (each with its own warm-up and cosine decay; the model is saved after each, and `--first-cycle N`
-   resumes from it), then a sixth with a copy of every ASR row whose clip has silence before and after it (espeak-ng's
-   clips start with the speech; recordings do not);
+   resumes from it), then a sixth with a copy of every ASR row whose clip sounds recorded (silence around the speech,
+   another level, a telephone band, a room, noise: espeak-ng's clips have none of these);
 4. the codec's harmonic synthesizer: a pitch head and a sine synthesizer added to the wave generator, trained with
    the prenet and wave generator on pitch tracks of the corpus while the tokenizing paths stay frozen (every token,
    and so the LM, stays valid). A wave generator this small, trained this briefly, makes noisy audio with little
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 import torch.nn.functional as F
 from datasets import concatenate_datasets
@@ -583,35 +584,42 @@ def with_tts_rows_for_vc_targets(train: Path) -> Path:
     return output
 
 
-def padded_asr_rows(train: Path, seed: int) -> Path:
-    """A copy of every ASR training row whose clip has 0-0.6 s of silence before and after it (in half
-    of them, noise 40-60 dB below the speech too). espeak-ng's clips start and end with the speech, and an LM trained
-    on them alone misreads a clip with 40 ms of silence before it (held-out CER 15% against 1%), as recordings
-    have. The padded clips are written to `wav_padded/` beside `train`; the rows to a jsonl file beside it."""
+def recorded(speech: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+    """An espeak-ng clip as a recording might have it: 0-0.6 s of silence before and after, a level 0-30 dB lower,
+    and in some clips a telephone band (8 kHz sampling, 1 in 4), a room (an echo decaying over 0.1-0.5 s, 1 in 3) or
+    noise (20-60 dB below the speech, 1 in 2)."""
+    before, after = (np.zeros(int(generator.uniform(0, 0.6) * 16000)) for _ in range(2))
+    clip = np.concatenate([before, speech, after]) * 10 ** (-generator.uniform(0, 30) / 20)
+    if generator.random() < 0.25:
+        clip = soxr.resample(soxr.resample(clip, 16000, 8000), 8000, 16000)[: clip.size]
+    if generator.random() < 1 / 3:
+        length = int(generator.uniform(0.1, 0.5) * 16000)
+        echo = generator.normal(size=length) * np.exp(-6.9 * np.arange(length) / length)  # -60 dB at its end
+        echo[0] = 0.0
+        clip = clip + np.convolve(clip, echo * generator.uniform(0.01, 0.05))[: clip.size]
+    if generator.random() < 0.5:
+        loudness = np.sqrt(np.mean(clip**2))
+        clip = clip + generator.normal(size=clip.size) * loudness * 10 ** (-generator.uniform(20, 60) / 20)
+    return clip.astype(np.float32)
+
+
+def recorded_asr_rows(train: Path, seed: int) -> Path:
+    """A copy of every ASR training row whose clip sounds recorded (`recorded`). espeak-ng's clips start and end
+    with the speech at one level; an LM trained on them alone misread held-out clips after 40 ms of silence (CER
+    14% against 1.1%), with 0.5 s of silence around them (73%), 26 dB quieter (15%), through a telephone band (20%)
+    or in a room (65%). The clips are written to `wav_recorded/` beside `train`; the rows to a jsonl file beside it."""
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     generator = np.random.default_rng(seed)
-    folder = train.parent / "wav_padded"
-    folder.mkdir(exist_ok=True)
+    (train.parent / "wav_recorded").mkdir(exist_ok=True)
     extra = []
     for row in rows:
-        if row["task"] != "stt":
-            continue
-        speech = load_audio(train.parent / row["audio"])
-        before, after = (np.zeros(int(generator.uniform(0, 0.6) * 16000), dtype=np.float32) for _ in range(2))
-        padded = np.concatenate([before, speech, after])
-        if generator.random() < 0.5:
-            loudness = np.sqrt(np.mean(speech**2))
-            padded += (
-                generator.normal(size=padded.size).astype(np.float32)
-                * loudness
-                * 10 ** (-generator.uniform(40, 60) / 20)
-            )
-        name = f"wav_padded/{Path(row['audio']).name}"
-        write_wav(train.parent / name, padded)
-        extra.append({**row, "audio": name})
-    output = train.with_name(f"{train.stem}_padded_asr.jsonl")
+        if row["task"] == "stt":
+            name = f"wav_recorded/{Path(row['audio']).name}"
+            write_wav(train.parent / name, recorded(load_audio(train.parent / row["audio"]), generator))
+            extra.append({**row, "audio": name})
+    output = train.with_name(f"{train.stem}_recorded_asr.jsonl")
     output.write_text("".join(json.dumps(row) + "\n" for row in extra))
-    print(f"{len(extra)} ASR rows with silence around their clips", flush=True)
+    print(f"{len(extra)} ASR rows with clips that sound recorded", flush=True)
     return output
 
 
@@ -688,11 +696,11 @@ def main() -> int:
         "30%% / 27%% / 21%% / 17%%, means of 3 sampling seeds)",
     )
     parser.add_argument(
-        "--padded-asr-cycles",
+        "--recorded-asr-cycles",
         type=int,
         default=1,
-        help="LM cycles after the --lm-cycles on the training rows plus a copy of every ASR row with silence around "
-        "its clip (see with_padded_asr_rows), so that ASR works on recordings that do not start with the speech",
+        help="LM cycles after the --lm-cycles on the training rows plus a copy of every ASR row whose clip sounds "
+        "recorded (silence around it, another level, a telephone band, a room, noise: see recorded_asr_rows)",
     )
     parser.add_argument(
         "--semantic-input-noise",
@@ -762,24 +770,24 @@ def main() -> int:
         load_jsonl_dataset(train_file), model, processor, batch_size=32, cache_dir=work / "cache"
     )
     print(report, flush=True)
-    rows_files, with_padded = [train_file], None
-    last_cycle = args.lm_cycles + args.padded_asr_cycles
+    rows_files, with_recorded = [train_file], None
+    last_cycle = args.lm_cycles + args.recorded_asr_cycles
     if max(args.first_cycle, args.lm_cycles + 1) <= last_cycle:
-        rows_files.append(padded_asr_rows(train_file, args.seed))
-        padded_rows, report = prepare_dataset(
+        rows_files.append(recorded_asr_rows(train_file, args.seed))
+        recorded_rows, report = prepare_dataset(
             load_jsonl_dataset(rows_files[-1]), model, processor, batch_size=32, cache_dir=work / "cache"
         )
         print(report, flush=True)
-        with_padded = concatenate_datasets([prepared, padded_rows])
+        with_recorded = concatenate_datasets([prepared, recorded_rows])
     processor.max_source_seconds, processor.max_text_characters = prompt_limits(rows_files)
     for cycle in range(args.first_cycle, last_cycle + 1):
-        padded = cycle > args.lm_cycles
-        kind = " (ASR rows padded with silence)" if padded else ""
+        with_extra_clips = cycle > args.lm_cycles
+        kind = " (with recorded-sounding ASR clips)" if with_extra_clips else ""
         print(f"LM training cycle {cycle}/{last_cycle}{kind}: {args.lm_epochs} epochs, cosine schedule", flush=True)
         trainer = build_trainer(
             model,
             processor,
-            with_padded if padded else prepared,
+            with_recorded if with_extra_clips else prepared,
             str(work / "trainer"),
             eval_fraction=0.02,
             seed=args.seed,

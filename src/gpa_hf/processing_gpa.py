@@ -283,6 +283,15 @@ class GpaProcessor(ProcessorMixin):
             return loaded
         return voice
 
+    def _load_voices(self, voice: VoiceInput | Sequence[VoiceInput] | None, count: int) -> list:
+        """One voice (`load_voice`) for each of `count` inputs: from one voice for all, or one per input."""
+        voices = self._as_list(voice) or [None]
+        if len(voices) == 1:
+            voices = voices * count
+        if len(voices) != count:
+            raise ValueError(f"got {len(voices)} voices for {count} inputs: give one voice or one per input")
+        return [self.load_voice(v) for v in voices]
+
     @property
     def num_global_tokens(self) -> int:
         return 32 if self.default_voice is None else self.default_voice.global_codes.numel()
@@ -332,12 +341,7 @@ class GpaProcessor(ProcessorMixin):
             data.update(features)
         voices: list = []
         if task in ("tts", "vc"):
-            voices = self._as_list(voice) or [None]
-            if len(voices) == 1:
-                voices = voices * batch_size
-            if len(voices) != batch_size:
-                raise ValueError(f"got {len(voices)} voices for {batch_size} inputs: give one voice or one per input")
-            voices = [self.load_voice(v) for v in voices]
+            voices = self._load_voices(voice, batch_size)
             audio_voices = [v for v in voices if not isinstance(v, GpaVoice)]
             if audio_voices:
                 data["reference_values"] = self.feature_extractor.reference_features(audio_voices, sampling_rate)[
@@ -416,14 +420,7 @@ class GpaProcessor(ProcessorMixin):
             owners.extend([index] * len(parts))
         voices = None
         if task in ("tts", "vc"):
-            request_voices = self._as_list(voice) or [None]
-            if len(request_voices) == 1:
-                request_voices = request_voices * len(requests)
-            if len(request_voices) != len(requests):
-                raise ValueError(
-                    f"got {len(request_voices)} voices for {len(requests)} inputs: give one voice or one per input"
-                )
-            loaded = [self.load_voice(v) for v in request_voices]
+            loaded = self._load_voices(voice, len(requests))
             loaded = [v if isinstance(v, GpaVoice) else load_audio(v, sampling_rate, rate) for v in loaded]
             voices = [loaded[owner] for owner in owners]
         return GpaRequestPieces(task, inputs, voices, owners, silent, len(requests), rate)

@@ -201,6 +201,40 @@ def test_compiled_cpu_decoding_equals_the_eager_loop(clips):
     assert decoder.step_lm.compiled is compiled
 
 
+def test_compiled_cpu_decoding_compiles_once_for_every_prompt_and_cache_length():
+    """With compiled CPU decoding the prompts' pass is compiled too: the first request compiles two graphs (the
+    prompts' pass, their length symbolic, and the step); prompts of other lengths and requests needing a longer KV
+    cache compile nothing more, and every request gives the eager loop's tokens."""
+    torch.compiler.reset()  # earlier tests' graphs of the same functions count towards dynamo's recompile limit
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval()
+    processor = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+    layout = model.config.layout
+    codes = torch.arange(600) % 64
+    long_asr = torch.cat(  # 150 GLM and 300 semantic tokens: a longer prompt than the processor makes
+        [
+            torch.tensor([layout.start_glm]),
+            codes[:150] + layout.glm_offset,
+            torch.tensor([layout.end_glm, layout.start_semantic]),
+            codes[150:450] + layout.semantic_offset,
+            torch.tensor([layout.end_semantic, layout.start_content]),
+        ]
+    )[None]
+    cases = [
+        ("tts", processor(task="tts", text="four one"), 2),
+        ("tts", processor(task="tts", text="nine nine three eight two"), 0),
+        ("asr", {"input_ids": long_asr}, 0),
+    ]
+    graphs = torch._dynamo.utils.counters["stats"]
+    for task, inputs, new_graphs in cases:
+        expected = model.generate(**inputs, task=task, do_sample=False, static_decoding=True)
+        before = graphs["unique_graphs"]
+        result = model.generate(**inputs, task=task, do_sample=False, static_decoding=True, compile_decoding=True)
+        assert graphs["unique_graphs"] - before == new_graphs, inputs["input_ids"].shape
+        assert torch.equal(result, expected), inputs["input_ids"].shape
+    cache_lengths = {decoder.max_cache_len for decoder in model.static_decoders.values() if decoder.compiled_on_cpu}
+    assert len(cache_lengths) == 2
+
+
 def test_traceable_int8_layer_compiles_to_onednn_int8_products():
     """The int8 layer of compiled CPU steps: inductor must turn it into oneDNN's int8 product (else a step would
     dequantize every weight), with the values of its eager form and the float layer's within int8 rounding."""

@@ -387,15 +387,17 @@ def with_traceable_int8(module: nn.Module) -> nn.Module:
 
 
 class GpaCompiledCpuStep:
-    """The LM of a model, compiled for CPU decoding steps.
+    """The LM of a model, compiled for CPU decoding: its steps, and the prompts' pass.
 
     CPU steps of this small LM spend more time between ops (Python, module calls, small pointwise kernels) than in
     its products. Compiled, a step is one graph: each layer becomes its four products, the attention and a few fused
-    C++ kernels. An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled
-    code: that is what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is
-    for inference (its int8 weights do not train, and its float ones are read as they were when compiled). A float
-    LM is compiled without freezing and reads its weights as they are. `refresh` compiles again when modules were
-    replaced (fused, quantized). The first request compiles for one to two minutes at published size on 2 cores.
+    C++ kernels. The prompts' pass is a second graph, the prompt's length symbolic, so that one serves every prompt
+    (published size, int8, 2 cores: a 254-token ASR prompt's pass and first token 0.29 s, against 0.43 s eagerly).
+    An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled code: that is
+    what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is for inference
+    (its int8 weights do not train, and its float ones are read as they were when compiled). A float LM is compiled
+    without freezing and reads its weights as they are. `refresh` compiles again when modules were replaced (fused,
+    quantized). The first request compiles both graphs, for two to three minutes at published size on 2 cores.
     """
 
     def __init__(self, lm: nn.Module, mode: str | None = None):
@@ -426,8 +428,9 @@ class GpaStepCache:
     Over `StaticCache`, a step attends over the whole buffer with a mask; over an appending cache, the length it
     attends over is a Python number that would make a compiled step recompile at every token. Here both the write
     positions and the attended length come from tensors (`slots`, and the size of `attended`, which dynamo keeps
-    symbolic), so one compiled step serves a whole request and every later one. Prompts are written by `prefill`
-    eagerly, through the same `update`, the only cache method the LM calls when given position ids and masks.
+    symbolic), so one compiled step serves a whole request and every later one; the buffers' length is symbolic too,
+    so decoders of other cache lengths share that step. Prompts are written by `prefill` through the same `update`,
+    the only cache method the LM calls when given position ids and masks.
     """
 
     def __init__(self, config, batch_size: int, max_cache_len: int, device: torch.device, dtype: torch.dtype):
@@ -435,6 +438,8 @@ class GpaStepCache:
         shape = (batch_size, config.num_key_value_heads, max_cache_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
+        for buffer in (*self.keys, *self.values):
+            torch._dynamo.mark_dynamic(buffer, 2)
         self.positions = torch.arange(max_cache_len, device=device)
         self.slots = self.attended = self.positions[:0]
 
@@ -442,6 +447,7 @@ class GpaStepCache:
         """Write the next keys and values at `slots`; attend over the first `length` positions."""
         self.slots, self.attended = slots, self.positions[:length]
         torch._dynamo.maybe_mark_dynamic(self.attended, 0)
+        torch._dynamo.maybe_mark_dynamic(self.slots, 0)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.slots, key_states)
@@ -530,12 +536,12 @@ class GpaStaticDecoder:
         self.prefill_multiple = prefill_multiple or prefill_multiple_for(device)
         self.model = model
         # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
-        # fewer, so a step takes less time. Only the one-token step is compiled; prompts run uncompiled (on CUDA,
-        # captured as graphs).
+        # fewer, so a step takes less time. On CUDA only the one-token step is compiled (prompts are captured as
+        # graphs); on CPU the prompts' pass is compiled too, in a graph of its own (`GpaCompiledCpuStep`).
         # A string names the `torch.compile` mode (e.g. "max-autotune-no-cudagraphs": slower to compile).
         mode = compile_step if isinstance(compile_step, str) else None
         self.compiled_on_cpu = bool(compile_step) and device.type != "cuda"
-        if self.compiled_on_cpu:  # one per model and mode, shared by its decoders: a new shape only recompiles
+        if self.compiled_on_cpu:  # one per model and mode, shared by its decoders: a new batch size only recompiles
             steps = model.static_decoders.compiled_cpu_steps
             self.step_lm = steps[mode] = steps.get(mode) or GpaCompiledCpuStep(model.model, mode)
         else:
@@ -700,15 +706,20 @@ class GpaStaticDecoder:
         query = torch.arange(length, device=input_ids.device)[:, None]
         # Causal over the real tokens; a padding position sees only itself (a row with nothing to attend to would
         # give NaN, which the next layers' attention would spread even through zero weights).
-        mask = ((self.kv_index <= query) & self.valid[:, None, :]) | (self.kv_index == query)
+        mask = (((self.kv_index <= query) & self.valid[:, None, :]) | (self.kv_index == query))[:, None]
         if not self.static_cache:
             self.prompts_padded = not bool(valid.all())
             # transformers builds a causal mask from the cache when given none, which only its own caches can do
             keep_mask = self.prompts_padded or isinstance(self.cache, GpaStepCache)
-            mask = mask[..., :length] if keep_mask else None
-        hidden = self.model.model(
+            mask = mask[..., :length].contiguous() if keep_mask else None
+        lm = self.model.model
+        if self.compiled_on_cpu:  # the compiled LM, with the prompt's length symbolic: one graph for every prompt
+            lm = self.step_lm
+            for tensor, dims in ((input_ids, 1), (positions, 1), (mask, (2, 3))):
+                torch._dynamo.mark_dynamic(tensor, dims)
+        hidden = lm(
             input_ids=input_ids,
-            attention_mask=None if mask is None else {"full_attention": mask[:, None]},
+            attention_mask=None if mask is None else {"full_attention": mask},
             position_ids=positions,
             use_cache=True,
             **{CACHE_ARGUMENT: self.cache},

@@ -550,8 +550,9 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 repetition_penalty, min_new_tokens) and raises for others.
             compile_decoding: with `static_decoding`, compile the decoding step with `torch.compile` (fewer, fused
                 kernels per step; the first request of a shape pays the compilation). On CPU the step becomes one
-                graph ([`GpaCompiledCpuStep`]), and an int8 LM (`quantize_lm_dynamic_int8`) runs oneDNN's int8
-                products with its weights frozen into the compiled code. A string is the `torch.compile` mode, e.g.
+                graph and the prompts' pass another ([`GpaCompiledCpuStep`]), and an int8 LM
+                (`quantize_lm_dynamic_int8`) runs oneDNN's int8 products with its weights frozen into the compiled
+                code. A string is the `torch.compile` mode, e.g.
                 `"max-autotune-no-cudagraphs"`.
         """
         if input_ids is None:

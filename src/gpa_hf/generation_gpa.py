@@ -9,6 +9,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.ao.quantization.fx._decomposed  # registers the ops `GpaTraceableInt8Linear` is written in
@@ -391,13 +392,16 @@ class GpaCompiledCpuStep:
 
     CPU steps of this small LM spend more time between ops (Python, module calls, small pointwise kernels) than in
     its products. Compiled, a step is one graph: each layer becomes its four products, the attention and a few fused
-    C++ kernels. The prompts' pass is a second graph, the prompt's length symbolic, so that one serves every prompt
-    (published size, int8, 2 cores: a 254-token ASR prompt's pass and first token 0.29 s, against 0.43 s eagerly).
+    C++ kernels, called from a C++ wrapper (inductor's `cpp_wrapper`: its Python wrapper spent 17 ms of a 47 ms
+    published-size int8 step calling them; 100 tokens 3.2 s against 6.1 s on 2 cores). The prompts' pass is a second
+    graph, the prompt's length symbolic, so that one serves every prompt (published size, int8, 2 cores: a 254-token
+    ASR prompt's pass and first token 0.29 s, against 0.43 s eagerly), with the Python wrapper: it runs once a
+    request, and the C++ one would take minutes more to compile.
     An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled code: that is
     what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is for inference
     (its int8 weights do not train, and its float ones are read as they were when compiled). A float LM is compiled
     without freezing and reads its weights as they are. `refresh` compiles again when modules were replaced (fused,
-    quantized). The first request compiles both graphs, for two to three minutes at published size on 2 cores.
+    quantized). The first request compiles both graphs, for three to five minutes at published size on 2 cores.
     """
 
     def __init__(self, lm: nn.Module, mode: str | None = None):
@@ -416,9 +420,10 @@ class GpaCompiledCpuStep:
             warnings.filterwarnings("ignore", "To copy construct", module="torch._inductor.mkldnn_lowerings")
             self.compiled = torch.compile(traceable, mode=self.mode)
 
-    def __call__(self, **inputs) -> torch.Tensor:
+    def __call__(self, prompts: bool = False, **inputs) -> torch.Tensor:
+        """Run the LM compiled; `prompts=True` for the prompts' pass (compiled with the Python wrapper)."""
         # Freezing must be on while dynamo traces (it then treats the weights as constants), not only in inductor.
-        with torch._inductor.config.patch(freezing=self.freeze):
+        with torch._inductor.config.patch(freezing=self.freeze, cpp_wrapper=not prompts):
             return self.compiled(**inputs)
 
 
@@ -714,7 +719,7 @@ class GpaStaticDecoder:
             mask = mask[..., :length].contiguous() if keep_mask else None
         lm = self.model.model
         if self.compiled_on_cpu:  # the compiled LM, with the prompt's length symbolic: one graph for every prompt
-            lm = self.step_lm
+            lm = partial(self.step_lm, prompts=True)
             for tensor, dims in ((input_ids, 1), (positions, 1), (mask, (2, 3))):
                 torch._dynamo.mark_dynamic(tensor, dims)
         hidden = lm(

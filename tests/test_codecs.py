@@ -352,6 +352,40 @@ def test_pitch_path_runs_without_tf32_and_restores_the_settings(bicodec, expecte
     assert seen == [(False, False), (False, False)] and after == (True, True)
 
 
+@pytest.mark.parametrize("tile_frames", [1, 5])
+def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expected, tile_frames):
+    """The CPU inference path decodes each clip's own frames in tiles with `tail_reach` context: a padded batch
+    with harmonics gives the whole-batch (autograd-path) audio, and padding is never computed."""
+    codec = codec_with_harmonics(bicodec)
+    with torch.no_grad():
+        codec.pitch_predictor.proj.bias.copy_(torch.tensor([0.2, 5.0]))
+        codec.harmonic_synthesizer.proj.bias.fill_(3.0)
+    codec.decoder.tile_frames = tile_frames
+    tokens = [expected[f"{c}.semantic_tokens"] for c in CLIPS]
+    tokens[0] = tokens[0][:3]  # shorter than a tile of 5, padded by most of the batch's length
+    lengths = torch.tensor([t.shape[0] for t in tokens])
+    codes = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    voices = torch.cat([expected[f"{c}.global_tokens"] for c in CLIPS])
+    mask = (torch.arange(codes.shape[1]) < lengths[:, None]).float()[:, None]
+    tail_lengths = []
+    tail = codec.decoder.tail
+    codec.decoder.tail = lambda states, *args: tail_lengths.append(states.shape[-1]) or tail(states, *args)
+    with torch.no_grad():
+        inputs = codec.decoder_inputs(codes, voices, mask)
+        pitch = codec.pitch_of_decoder_inputs(inputs, mask)
+        harmonics = codec.harmonic_synthesizer(inputs, mask, pitch.frequencies, pitch.voiced)
+        tiled = codec.decoder(inputs, mask, harmonics)
+    stride = codec.config.upsampling_rates[0]
+    steps = [-(-int(length) * stride // (tile_frames * stride)) for length in lengths]
+    assert len(tail_lengths) == sum(steps)
+    assert max(tail_lengths) <= tile_frames * stride + 2 * codec.decoder.tail_reach()
+    whole = codec.decoder(inputs, mask, harmonics)  # autograd records: one call over the whole padded batch
+    assert whole.requires_grad and len(tail_lengths) == sum(steps) + 1
+    torch.testing.assert_close(tiled, whole.detach(), atol=1e-5, rtol=0)
+    for index, length in enumerate(lengths * codec.config.hop_length):
+        assert not tiled[index, length:].any()
+
+
 def test_codec_with_harmonics_batches_and_round_trips(bicodec, expected, tmp_path):
     from gpa_hf import BiCodecModel
 

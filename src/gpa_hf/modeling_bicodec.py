@@ -539,7 +539,18 @@ class BiCodecDecoderBlock(nn.Module):
 
 
 class BiCodecWaveGenerator(nn.Module):
-    """DAC decoder: `(batch, hidden_size, frames)` -> `(batch, frames * hop_length)` in [-1, 1]."""
+    """DAC decoder: `(batch, hidden_size, frames)` -> `(batch, frames * hop_length)` in [-1, 1].
+
+    On CPU without autograd, everything after the first block (the "tail", whose activations are the decoder's
+    largest: 96-384 channels at 40-320 samples per token) runs one clip and `tile_frames` tokens at a time, with
+    enough context either side (`tail_reach`) that every tile's samples are those of the whole clip (to float
+    rounding, 2e-6). Activations then stay in the cores' caches. At published size with 2 threads: 8 clips of 4 s
+    took 14.0 s in one batched call, 10.9 s one clip at a time and 10.1 s in tiles; one 20 s clip 8.9 s (peak RSS
+    2.36 GB) whole and 6.4 s (1.99 GB) in tiles. Padded frames are not computed: each clip is decoded to its own
+    length and its padding left zero.
+    """
+
+    tile_frames = 96
 
     def __init__(self, config: BiCodecConfig):
         super().__init__()
@@ -563,12 +574,59 @@ class BiCodecWaveGenerator(nn.Module):
         `harmonics` `(batch, frames * hop)`: the harmonic synthesiser's signal, added before the output's tanh.
         """
         hidden_states = self.conv_in(apply_mask(hidden_states, mask))
-        for block in self.blocks:
+        hidden_states, mask = self.blocks[0](hidden_states, mask)
+        if hidden_states.device.type == "cpu" and not torch.is_grad_enabled():
+            return self.tail_in_tiles(hidden_states, mask, harmonics)
+        return self.tail(hidden_states, mask, harmonics)
+
+    def tail(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, harmonics: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The blocks after the first and the output layer: first block's output -> audio `(batch, samples)`."""
+        for block in self.blocks[1:]:
             hidden_states, mask = block(hidden_states, mask)
         hidden_states = self.conv_out(self.snake_out(apply_mask(hidden_states, mask)))
         if harmonics is not None:
             hidden_states = hidden_states + harmonics.unsqueeze(1).to(hidden_states.dtype)
         return apply_mask(torch.tanh(hidden_states), mask).squeeze(1)
+
+    def tail_reach(self) -> int:
+        """Samples of the tail's input either side of a position that its output there depends on, rounded up.
+
+        A transposed convolution of kernel k, stride s and padding p reaches max(k - 1 - p, p) / s input samples; a
+        convolution of kernel k and dilation d reaches d * (k - 1) / 2 samples at its own rate.
+        """
+        reach, rate = 0.0, 1
+        for block in self.blocks[1:]:
+            kernel, padding = block.conv_t.kernel_size[0], block.conv_t.padding[0]
+            reach += max(kernel - 1 - padding, padding) / block.stride / rate
+            rate *= block.stride
+            for unit in block.res_units:
+                reach += unit.conv1.dilation[0] * (unit.conv1.kernel_size[0] - 1) / 2 / rate
+        reach += (self.conv_out.kernel_size[0] - 1) / 2 / rate
+        return math.ceil(reach)
+
+    def tail_in_tiles(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, harmonics: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`tail`'s audio, computed per clip in tiles of `tile_frames` tokens plus `tail_reach` samples of context."""
+        batch_size, _, length = hidden_states.shape
+        upsampling = math.prod(block.stride for block in self.blocks[1:])
+        step, halo = self.tile_frames * self.blocks[0].stride, self.tail_reach()
+        lengths = [length] * batch_size if mask is None else mask[:, 0].sum(-1).long().tolist()
+        audio = hidden_states.new_zeros(batch_size, length * upsampling)
+        for item, item_length in enumerate(lengths):
+            for start in range(0, item_length, step):
+                end = min(start + step, item_length)
+                low, high = max(0, start - halo), min(item_length, end + halo)
+                tile_harmonics = (
+                    None if harmonics is None else harmonics[item : item + 1, low * upsampling : high * upsampling]
+                )
+                tile = self.tail(hidden_states[item : item + 1, :, low:high], None, tile_harmonics)
+                audio[item, start * upsampling : end * upsampling] = tile[
+                    0, (start - low) * upsampling : (end - low) * upsampling
+                ]
+        return audio
 
 
 class BiCodecPitchPredictor(nn.Module):

@@ -354,8 +354,8 @@ def test_pitch_path_runs_without_tf32_and_restores_the_settings(bicodec, expecte
 
 @pytest.mark.parametrize("tile_frames", [1, 5])
 def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expected, tile_frames):
-    """The CPU inference path decodes each clip's own frames in tiles with `tail_reach` context: a padded batch
-    with harmonics gives the whole-batch (autograd-path) audio, and padding is never computed."""
+    """The CPU inference path decodes each clip alone, to its length, its tail in tiles with `tail_reach` context:
+    a padded batch with harmonics gives the whole-batch (autograd-path) audio, and padding is never computed."""
     codec = codec_with_harmonics(bicodec)
     with torch.no_grad():
         codec.pitch_predictor.proj.bias.copy_(torch.tensor([0.2, 5.0]))
@@ -363,9 +363,10 @@ def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expe
     codec.decoder.tile_frames = tile_frames
     tokens = [expected[f"{c}.semantic_tokens"] for c in CLIPS]
     tokens[0] = tokens[0][:3]  # shorter than a tile of 5, padded by most of the batch's length
+    tokens.append(tokens[1][:0])  # an empty clip: nothing decoded, silence
     lengths = torch.tensor([t.shape[0] for t in tokens])
     codes = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
-    voices = torch.cat([expected[f"{c}.global_tokens"] for c in CLIPS])
+    voices = torch.cat([expected[f"{c}.global_tokens"] for c in [*CLIPS, CLIPS[1]]])
     mask = (torch.arange(codes.shape[1]) < lengths[:, None]).float()[:, None]
     tail_lengths = []
     tail = codec.decoder.tail

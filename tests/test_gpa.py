@@ -20,11 +20,9 @@ from gpa_hf.audio_utils import load_audio, split_at_pauses
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.generation_gpa import (
     CACHE_GROWTH,
-    CODEC_FRAMES_PER_CALL,
     GpaAppendingCacheLayer,
     GpaDecodingCache,
     allowed_token_mask,
-    codec_call_groups,
 )
 from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaFusedAttention, GpaFusedMLP, GpaInt8OutputLayer
 from gpa_hf.processing_gpa import join_texts, split_text
@@ -288,40 +286,38 @@ def test_waveform_length_is_320_per_semantic_token(gpa):
         assert audio.shape == (320 * int(semantic),)
 
 
-def test_codec_call_groups_cover_every_item_once_within_the_frame_budget():
-    lengths = [150, 90, 1, 60, 250, 90, 40]
-    groups = codec_call_groups(lengths, frames_per_call=200)
-    assert sorted(index for group in groups for index in group) == list(range(len(lengths)))
-    for group in groups:
-        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 200
-    assert groups[0] == [4] and [lengths[i] for i in groups[1]] == [150]  # longest first, alone when over budget
-    assert codec_call_groups([10] * 8, frames_per_call=200) == [list(range(8))]
-    assert codec_call_groups([0, 30, 0, 20], frames_per_call=200) == [[1, 3]]  # nothing to decode for length 0
-
-
-def test_decode_audio_in_groups_equals_one_batched_codec_call(gpa):
+def test_decode_audio_gives_each_request_its_audio_alone(gpa):
+    """One codec call for requests of different lengths: each waveform equals its tokens decoded alone."""
     model, processor = gpa
     layout = model.config.layout
     inputs = processor(task="tts", text=["Hi"] * 4)
     prompt = inputs["input_ids"]
     generator = torch.Generator().manual_seed(0)
-    lengths = [150, 90, 0, 60]  # 300 frames in all: decoded as [150], [90, 60]; the empty request is skipped
-    assert sum(lengths) > CODEC_FRAMES_PER_CALL
+    lengths = [150, 90, 0, 60]  # the empty request is left out of the call
     rows = []
     for length in lengths:
         codes = torch.randint(0, layout.semantic_size, (length,), generator=generator) + layout.semantic_offset
         stop = torch.full((max(lengths) - length + 1,), layout.stop)
         rows.append(torch.cat([codes, stop]))
     sequences = torch.cat([prompt, torch.stack(rows)], dim=1)
-    with pytest.warns(UserWarning, match=r"requests \[2\] produced no audio tokens"):
-        waveforms = model.decode_audio(sequences, prompt.shape[1])
-    semantic = torch.stack([row[: max(lengths)] for row in rows]) - layout.semantic_offset
-    voices = torch.stack([layout.block_codes(row, "global") for row in prompt])
-    batched = model.synthesize(semantic.clamp(min=0), voices, torch.tensor(lengths))
+    calls = []
+    handle = model.bicodec.decoder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    try:
+        with pytest.warns(UserWarning, match=r"requests \[2\] produced no audio tokens"):
+            waveforms = model.decode_audio(sequences, prompt.shape[1])
+    finally:
+        handle.remove()
     hop = model.config.bicodec_config.hop_length
-    for waveform, reference, length in zip(waveforms, batched, lengths):
+    assert calls == [(3, max(lengths) * hop)]
+    for waveform, row, voice, length in zip(waveforms, rows, prompt, lengths):
         assert waveform.shape == (length * hop,)
-        torch.testing.assert_close(waveform, reference[: length * hop], atol=1e-4, rtol=1e-4)
+        if length:
+            alone = model.synthesize(
+                row[None, :length] - layout.semantic_offset,
+                layout.block_codes(voice, "global")[None],
+                torch.tensor([length]),
+            )
+            torch.testing.assert_close(waveform, alone[0], atol=1e-5, rtol=0)
 
 
 def test_caller_sampling_settings_override_task_defaults(gpa):

@@ -858,35 +858,9 @@ def codec_graph_frames(frames: int) -> int | None:
     return next((size for size in CODEC_GRAPH_FRAMES if size >= frames), None)
 
 
-# Without CUDA graphs, a codec call decodes at most about this many token frames (items x padded length): on CPU the
-# wave generator's activations then stay in cache. Published-size BiCodec, 8 items of 200 tokens, 2 cores: eight
-# calls of 1 took 11.2-11.7 s, four of 2 took 14.0-14.3 s, one of 8 took 14.1-16.5 s (20-21 s before the wave
-# generator's activations ran in place); items of 50 tokens decode fastest 2-4 at a time.
-CODEC_FRAMES_PER_CALL = 200
-
-
-def codec_call_groups(lengths: list[int], frames_per_call: float = CODEC_FRAMES_PER_CALL) -> list[list[int]]:
-    """Items (indices into `lengths`) to decode together: similar lengths, at most `frames_per_call` padded frames.
-
-    Each group holds at least one item, however long; items of length 0 have nothing to decode and are left out.
-    Items are taken longest first, so little padding is decoded.
-    """
-    groups: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda item: -lengths[item]):
-        if not lengths[index]:
-            break
-        # The group's first item is its longest: its padded size is (items + 1) x that length.
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= frames_per_call:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
-
-
 __all__ = [
     "ALLOWED_ROWS_MAX_FRACTION",
     "CACHE_GROWTH",
-    "CODEC_FRAMES_PER_CALL",
     "CODEC_GRAPH_FRAMES",
     "CUDA_PREFILL_MULTIPLE",
     "STATIC_DECODING_SYNC_EVERY",
@@ -902,7 +876,6 @@ __all__ = [
     "StaticDecodingSettings",
     "allowed_token_mask",
     "build_generation_config",
-    "codec_call_groups",
     "codec_graph_frames",
     "gumbel_max_sample",
     "length_budget",

@@ -541,13 +541,13 @@ class BiCodecDecoderBlock(nn.Module):
 class BiCodecWaveGenerator(nn.Module):
     """DAC decoder: `(batch, hidden_size, frames)` -> `(batch, frames * hop_length)` in [-1, 1].
 
-    On CPU without autograd, everything after the first block (the "tail", whose activations are the decoder's
-    largest: 96-384 channels at 40-320 samples per token) runs one clip and `tile_frames` tokens at a time, with
-    enough context either side (`tail_reach`) that every tile's samples are those of the whole clip (to float
-    rounding, 2e-6). Activations then stay in the cores' caches. At published size with 2 threads: 8 clips of 4 s
-    took 14.0 s in one batched call, 10.9 s one clip at a time and 10.1 s in tiles; one 20 s clip 8.9 s (peak RSS
-    2.36 GB) whole and 6.4 s (1.99 GB) in tiles. Padded frames are not computed: each clip is decoded to its own
-    length and its padding left zero.
+    On CPU without autograd, each clip is decoded alone, to its own length (padded frames are not computed, and stay
+    zero), and everything after its first block (the "tail", whose activations are the decoder's largest: 96-384
+    channels at 40-320 samples per token) runs `tile_frames` tokens at a time, with enough context either side
+    (`tail_reach`) that every tile's samples are those of the whole clip (to float rounding, 2e-6). Activations then
+    stay in the cores' caches. At published size with 2 threads: 8 clips of 4 s took 14.0 s in one batched call,
+    10.9 s as eight calls and 10.1-10.3 s in tiles; one 20 s clip 8.9 s (peak RSS 2.36 GB) whole and 6.4 s (1.99 GB)
+    in tiles.
     """
 
     tile_frames = 96
@@ -573,10 +573,10 @@ class BiCodecWaveGenerator(nn.Module):
 
         `harmonics` `(batch, frames * hop)`: the harmonic synthesiser's signal, added before the output's tanh.
         """
+        if hidden_states.device.type == "cpu" and not torch.is_grad_enabled():
+            return self.decode_clips_in_tiles(hidden_states, mask, harmonics)
         hidden_states = self.conv_in(apply_mask(hidden_states, mask))
         hidden_states, mask = self.blocks[0](hidden_states, mask)
-        if hidden_states.device.type == "cpu" and not torch.is_grad_enabled():
-            return self.tail_in_tiles(hidden_states, mask, harmonics)
         return self.tail(hidden_states, mask, harmonics)
 
     def tail(
@@ -606,23 +606,28 @@ class BiCodecWaveGenerator(nn.Module):
         reach += (self.conv_out.kernel_size[0] - 1) / 2 / rate
         return math.ceil(reach)
 
-    def tail_in_tiles(
+    def decode_clips_in_tiles(
         self, hidden_states: torch.Tensor, mask: torch.Tensor | None, harmonics: torch.Tensor | None
     ) -> torch.Tensor:
-        """`tail`'s audio, computed per clip in tiles of `tile_frames` tokens plus `tail_reach` samples of context."""
-        batch_size, _, length = hidden_states.shape
+        """`forward`'s audio, one clip at a time up to its length, the tail in tiles (see the class docstring)."""
+        batch_size, _, frames = hidden_states.shape
+        lengths = [frames] * batch_size if mask is None else mask[:, 0].sum(-1).long().tolist()
+        first_stride = self.blocks[0].stride
         upsampling = math.prod(block.stride for block in self.blocks[1:])
-        step, halo = self.tile_frames * self.blocks[0].stride, self.tail_reach()
-        lengths = [length] * batch_size if mask is None else mask[:, 0].sum(-1).long().tolist()
-        audio = hidden_states.new_zeros(batch_size, length * upsampling)
-        for item, item_length in enumerate(lengths):
-            for start in range(0, item_length, step):
-                end = min(start + step, item_length)
-                low, high = max(0, start - halo), min(item_length, end + halo)
-                tile_harmonics = (
-                    None if harmonics is None else harmonics[item : item + 1, low * upsampling : high * upsampling]
-                )
-                tile = self.tail(hidden_states[item : item + 1, :, low:high], None, tile_harmonics)
+        hop = first_stride * upsampling
+        step, halo = self.tile_frames * first_stride, self.tail_reach()
+        audio = hidden_states.new_zeros(batch_size, frames * hop)
+        for item, length in enumerate(lengths):
+            if length == 0:  # an empty clip: its audio stays empty (zeros in a padded batch)
+                continue
+            clip, _ = self.blocks[0](self.conv_in(hidden_states[item : item + 1, :, :length]), None)
+            for start in range(0, clip.shape[-1], step):
+                end = min(start + step, clip.shape[-1])
+                low, high = max(0, start - halo), min(clip.shape[-1], end + halo)
+                tile_harmonics = None
+                if harmonics is not None:
+                    tile_harmonics = harmonics[item : item + 1, low * upsampling : high * upsampling]
+                tile = self.tail(clip[..., low:high], None, tile_harmonics)
                 audio[item, start * upsampling : end * upsampling] = tile[
                     0, (start - low) * upsampling : (end - low) * upsampling
                 ]

@@ -28,7 +28,6 @@ from .configuration_gpa import GpaConfig
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     CACHE_ARGUMENT,
-    CODEC_FRAMES_PER_CALL,
     STATIC_DECODING_SYNC_EVERY,
     GpaAllowedRowsHead,
     GpaAudioStreamer,
@@ -40,7 +39,6 @@ from .generation_gpa import (
     GpaTaskLogitsProcessor,
     StaticDecodingSettings,
     allowed_token_mask,
-    codec_call_groups,
     codec_graph_frames,
     length_budget,
     prefill_multiple_for,
@@ -425,15 +423,15 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         lengths = [codes.numel() for codes in semantic]
         hop = self.config.bicodec_config.hop_length
         waveforms = [torch.zeros(0) for _ in semantic]
-        # On CPU, calls of similar lengths and bounded size decode faster than one call for the batch.
-        frames_per_call = CODEC_FRAMES_PER_CALL if self.device.type == "cpu" else math.inf
-        for group in codec_call_groups(lengths, frames_per_call):
-            padded = torch.nn.utils.rnn.pad_sequence([semantic[index] for index in group], batch_first=True)
-            group_lengths = torch.tensor([lengths[index] for index in group], device=sequences.device)
-            voice = torch.stack([voices[index] for index in group])
-            audio = self.synthesize(padded, voice, group_lengths, cuda_graphs)
-            for index, item in zip(group, audio):
-                waveforms[index] = item[: lengths[index] * hop].float().cpu()
+        # One codec call for the batch: on CPU the wave generator decodes each item to its own length anyway.
+        rows = [row for row, length in enumerate(lengths) if length]
+        if rows:
+            padded = torch.nn.utils.rnn.pad_sequence([semantic[row] for row in rows], batch_first=True)
+            row_lengths = torch.tensor([lengths[row] for row in rows], device=sequences.device)
+            voice = torch.stack([voices[row] for row in rows])
+            audio = self.synthesize(padded, voice, row_lengths, cuda_graphs)
+            for row, item in zip(rows, audio):
+                waveforms[row] = item[: lengths[row] * hop].float().cpu()
         return waveforms
 
     # ---- generation ------------------------------------------------------------------------------------

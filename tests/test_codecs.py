@@ -172,8 +172,8 @@ def test_feature_extractors_round_trip_through_save_pretrained(bicodec, glm_toke
 
 
 def test_wav2vec2_layers_past_the_deepest_hidden_state_are_skipped(bicodec, tmp_path):
-    """A 6-layer semantic model read at hidden states 1-3 builds 4 layers, gives the full model's tokens, and
-    loads a checkpoint that holds all 6 layers."""
+    """A 6-layer stable-layer-norm semantic model read at hidden states 1-3 builds 3 layers and no final norm, gives
+    the full model's features and tokens, and loads a checkpoint that holds all 6 layers and the norm."""
     import copy
 
     from safetensors.torch import load_file, save_file
@@ -184,20 +184,34 @@ def test_wav2vec2_layers_past_the_deepest_hidden_state_are_skipped(bicodec, tmp_
     config = copy.deepcopy(bicodec[0].config)
     config.semantic_model_config.num_hidden_layers = 6
     config.semantic_hidden_layers = [1, 2, 3]
+    assert config.semantic_model_config.do_stable_layer_norm
     torch.manual_seed(0)
     model = BiCodecModel(config).eval()
-    assert len(model.semantic_model.encoder.layers) == 4
+    assert len(model.semantic_model.encoder.layers) == 3
+    assert isinstance(model.semantic_model.encoder.layer_norm, torch.nn.Identity)
 
     full = copy.deepcopy(model)
     full.semantic_model = Wav2Vec2Model(config.semantic_model_config).eval()
-    full.semantic_model.load_state_dict(model.semantic_model.state_dict(), strict=False)  # layers 4-5 stay random
+    missing, _ = full.semantic_model.load_state_dict(model.semantic_model.state_dict(), strict=False)
+    assert any(key.startswith("encoder.layer_norm.") for key in missing)  # layers 3-5 and the norm stay random
+    with torch.no_grad():
+        full.semantic_model.encoder.layer_norm.weight.uniform_(0.5, 1.5)
     audio = torch.randn(2, 16000)
     with torch.no_grad():
-        assert torch.equal(model.encode(audio).semantic_codes, full.encode(audio).semantic_codes)
+        cut, whole = model.encode(audio), full.encode(audio)
+    torch.testing.assert_close(cut.semantic_features, whole.semantic_features)
+    assert torch.equal(cut.semantic_codes, whole.semantic_codes)
 
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights.update({k: v for k, v in full.state_dict().items() if ".layers.4." in k or ".layers.5." in k})
+    skipped = (".layers.3.", ".layers.4.", ".layers.5.", "encoder.layer_norm.")
+    weights.update(
+        {
+            k: v
+            for k, v in full.state_dict().items()
+            if k.startswith("semantic_model.") and any(s in k for s in skipped)
+        }
+    )
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded = BiCodecModel.from_pretrained(tmp_path)
     state = model.state_dict()

@@ -21,7 +21,7 @@ from .configuration_bicodec import BiCodecConfig
 from .configuration_glm_speech_tokenizer import GlmSpeechTokenizerConfig
 from .feature_extraction_bicodec import BiCodecFeatureExtractor
 from .feature_extraction_glm_speech_tokenizer import GlmSpeechTokenizerFeatureExtractor
-from .modeling_bicodec import BiCodecModel, semantic_model_config_in_use
+from .modeling_bicodec import BiCodecModel
 from .modeling_glm_speech_tokenizer import GlmSpeechTokenizerModel
 
 BICODEC_DIR = "BiCodec"
@@ -244,15 +244,10 @@ def load_original_bicodec(
         model.state_dict(), state_dict, str(folder / "model.safetensors"), skip_prefix=("semantic_model.",)
     )
     model.load_state_dict(state_dict, strict=False)
-    if wav2vec2 is not None:  # the layers BiCodec reads (see `semantic_model_config_in_use`), strictly
-        unused = semantic_model_config_in_use(config)[1]
-        model.semantic_model.load_state_dict(
-            {
-                key: value
-                for key, value in wav2vec2.state_dict().items()
-                if unused is None or not re.search(unused, f"semantic_model.{key}")
-            }
-        )
+    if wav2vec2 is not None:  # the weights of the layers BiCodec reads (see `build_semantic_model`), strictly
+        kept = model.semantic_model.state_dict()
+        weights = {key: value for key, value in wav2vec2.state_dict().items() if key in kept}
+        model.semantic_model.load_state_dict(weights)
     model.eval()
     feature_extractor = BiCodecFeatureExtractor(
         sampling_rate=config.sampling_rate,

@@ -724,24 +724,30 @@ class BiCodecHarmonicSynthesizer(nn.Module):
         return (amplitudes * audible * torch.sin(numbers * phase.unsqueeze(1))).sum(1)
 
 
-def semantic_model_config_in_use(config: BiCodecConfig):
-    """The semantic model's config cut after the deepest layer BiCodec reads, and a pattern for the other layers.
+def build_semantic_model(config: BiCodecConfig) -> tuple[nn.Module, str | None]:
+    """The semantic model, cut after the deepest layer BiCodec reads, and a pattern for the weights it leaves out.
 
-    BiCodec averages wav2vec2 hidden states `semantic_hidden_layers` (11, 14, 16 of the published 24 layers);
-    hidden state `i` is the output of layer `i` (before the final layer norm, which only the last one gets), so
-    layers past the deepest index never change a token. They are not built (7 of 24 published layers: about
-    30% of wav2vec2's time and 350 MB), and their checkpoint weights are skipped on load.
-    Returns (config, a regex that finds the skipped layers' keys, or None).
+    BiCodec averages wav2vec2 hidden states `semantic_hidden_layers` (11, 14, 16 of the published 24 layers). Hidden
+    state `i` is the output of layer `i`, and wav2vec2's stable-layer-norm encoder normalises only its last hidden
+    state: cut after layer 16, with that final norm an identity, hidden state 16 is what the whole model gives. So
+    8 of the 24 published layers and the final norm are not built (about a third of wav2vec2's time and 400 MB),
+    and their checkpoint weights are skipped on load. Other encoders keep one layer past the deepest index read, so
+    the hidden state read is never their last. Returns (model, a regex that finds the skipped keys, or None).
     """
     semantic_config = config.semantic_model_config
     layers = semantic_config.num_hidden_layers
-    needed = max(config.semantic_hidden_layers) + 1
+    stable_norm = getattr(semantic_config, "do_stable_layer_norm", False)
+    needed = max(config.semantic_hidden_layers) + (0 if stable_norm else 1)
     if needed >= layers:
-        return semantic_config, None
+        return AutoModel.from_config(semantic_config), None
     semantic_config = copy.deepcopy(semantic_config)
     semantic_config.num_hidden_layers = needed
-    skipped = "|".join(str(index) for index in range(needed, layers))
-    return semantic_config, rf"semantic_model\.encoder\.layers\.({skipped})\."
+    model = AutoModel.from_config(semantic_config)
+    skipped = rf"semantic_model\.encoder\.layers\.({'|'.join(str(index) for index in range(needed, layers))})\."
+    if stable_norm:
+        model.encoder.layer_norm = nn.Identity()
+        skipped += r"|semantic_model\.encoder\.layer_norm\."
+    return model, skipped
 
 
 class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
@@ -816,11 +822,10 @@ class BiCodecModel(BiCodecPreTrainedModel):
     def __init__(self, config: BiCodecConfig):
         super().__init__(config)
         if config.include_semantic_encoder:
-            semantic_config, unused_layers = semantic_model_config_in_use(config)
-            self.semantic_model = AutoModel.from_config(semantic_config)
+            self.semantic_model, skipped = build_semantic_model(config)
             self.encoder = BiCodecFeatureEncoder(config)
-            if unused_layers:
-                self._keys_to_ignore_on_load_unexpected = [unused_layers]
+            if skipped:
+                self._keys_to_ignore_on_load_unexpected = [skipped]
         else:
             self.semantic_model = None
             self.encoder = None

@@ -401,6 +401,22 @@ def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expe
         assert not tiled[index, length:].any()
 
 
+def test_tiled_wave_generator_keeps_long_lengths_in_bfloat16(bicodec):
+    """A bf16 codec's mask counts lengths past 256 exactly (bf16 itself rounds 301 to 300): each clip gets all its
+    samples and no padding."""
+    decoder = copy.deepcopy(bicodec[0].decoder).to(torch.bfloat16)
+    lengths = torch.tensor([301, 257])
+    mask = (torch.arange(310) < lengths[:, None]).to(torch.bfloat16)[:, None]
+    torch.manual_seed(0)
+    inputs = torch.randn(2, bicodec[0].config.hidden_size, 310, dtype=torch.bfloat16)
+    with torch.no_grad():
+        audio = decoder(inputs, mask)
+    hop = bicodec[0].config.hop_length
+    for item, length in enumerate(lengths.tolist()):
+        assert audio[item, (length - 1) * hop : length * hop].abs().sum() > 0
+        assert not audio[item, length * hop :].any()
+
+
 def test_codec_with_harmonics_batches_and_round_trips(bicodec, expected, tmp_path):
     from gpa_hf import BiCodecModel
 

@@ -92,6 +92,11 @@ def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
 
 
+def mask_to_lengths(mask: torch.Tensor) -> torch.LongTensor:
+    """`(batch, 1, frames)` mask -> `(batch,)` lengths, counted as integers (a bf16 sum rounds lengths past 256)."""
+    return mask[:, 0].sum(-1, dtype=torch.long)
+
+
 class BiCodecConditionProjection(nn.Linear):
     """A projection of the speaker d-vector that starts constant: zero weights, every bias `initial_bias`.
 
@@ -611,7 +616,7 @@ class BiCodecWaveGenerator(nn.Module):
     ) -> torch.Tensor:
         """`forward`'s audio, one clip at a time up to its length, the tail in tiles (see the class docstring)."""
         batch_size, _, frames = hidden_states.shape
-        lengths = [frames] * batch_size if mask is None else mask[:, 0].sum(-1).long().tolist()
+        lengths = [frames] * batch_size if mask is None else mask_to_lengths(mask).tolist()
         first_stride = self.blocks[0].stride
         upsampling = math.prod(block.stride for block in self.blocks[1:])
         hop = first_stride * upsampling
@@ -711,7 +716,7 @@ class BiCodecHarmonicSynthesizer(nn.Module):
         frequencies = frequencies.float()
         frames, hop = frequencies.shape[-1], self.hop_length
         # Padding frames repeat an item's last amplitudes, so that its end interpolates as it does alone.
-        last = mask[:, 0].sum(-1).long().clamp(min=1) - 1
+        last = mask_to_lengths(mask).clamp(min=1) - 1
         index = torch.minimum(torch.arange(frames, device=last.device).unsqueeze(0), last.unsqueeze(-1))
         amplitudes = amplitudes.gather(-1, index.unsqueeze(1).expand_as(amplitudes))
         amplitudes = F.interpolate(amplitudes, size=frames * hop, mode="linear", align_corners=False)

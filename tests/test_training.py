@@ -721,3 +721,41 @@ def test_vc_bounds_scores_four_renditions_against_clips_and_voices(tmp_path, mon
         closer_by_voice.append(bool(to_target > to_source))
     assert results["espeak-ng clip"]["closer_to_target_clip_rate"] == pytest.approx(np.mean(closer_by_clip))
     assert results["espeak-ng clip"]["closer_to_target_voice_rate"] == pytest.approx(np.mean(closer_by_voice))
+
+
+def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(gpa_tiny_recipe, tmp_path, monkeypatch, capsys):
+    """The whole recipe at a toy size (a stand-in for espeak-ng): corpus, both audio tokenizers, two LM cycles, the
+    harmonic synthesiser and the held-out evaluation; then a run resumed at the second LM cycle retrains the LM alone.
+    Guards the recipe, which takes two hours at its real size, against changes in the package it is built on."""
+    import corpus
+
+    from gpa_hf import GpaForConditionalGeneration, GpaProcessor
+
+    fake_espeak(monkeypatch, corpus)
+    work, output = tmp_path / "work", tmp_path / "model"
+    toy = ["--utterances", "16", "--heldout", "4", "--codec-steps", "2", "--codec-batch-size", "4"]
+    toy += ["--harmonic-steps", "2", "--lm-hidden-size", "32", "--lm-layers", "1", "--lm-epochs", "1"]
+    toy += ["--lm-cycles", "1", "--recorded-asr-cycles", "1", "--work-dir", str(work), "--output-dir", str(output)]
+    monkeypatch.setattr(sys, "argv", ["train_gpa_tiny.py", *toy])
+    assert gpa_tiny_recipe.main() == 0
+    printed = capsys.readouterr().out
+    stages = [printed.index(f"== {stage}/5") for stage in range(1, 6)]
+    assert stages == sorted(stages)
+    assert "LM training cycle 2/2 (with recorded-sounding ASR clips)" in printed
+    metrics = json.loads((output / "training_report.json").read_text())["metrics"]
+    assert {"cer", "wer"} <= metrics["asr"].keys() and "cer" in metrics["tts"]
+    assert 0 <= metrics["vc"]["closer_to_target_rate"] <= 1
+    model = GpaForConditionalGeneration.from_pretrained(output)
+    processor = GpaProcessor.from_pretrained(output)
+    assert model.config.bicodec_config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT
+    assert processor.max_source_seconds > 0 and processor.default_voice is not None
+
+    monkeypatch.setattr(sys, "argv", ["train_gpa_tiny.py", *toy, "--first-cycle", "2"])
+    assert gpa_tiny_recipe.main() == 0
+    printed = capsys.readouterr().out
+    assert "== 2/5" not in printed and "== 4/5" not in printed and "LM training cycle 1/2" not in printed
+    resumed = GpaForConditionalGeneration.from_pretrained(output).state_dict()
+    before = model.state_dict()
+    audio_tokenizers = [name for name in before if name.startswith(("bicodec.", "speech_tokenizer."))]
+    assert audio_tokenizers and all(torch.equal(before[name], resumed[name]) for name in audio_tokenizers)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], resumed["model.layers.0.mlp.up_proj.weight"])

@@ -32,6 +32,7 @@ import torch
 from transformers import Qwen3ForCausalLM, Wav2Vec2Model
 
 from gpa_hf import BiCodecFeatureExtractor, GlmSpeechTokenizerFeatureExtractor, GpaConfig, GpaForConditionalGeneration
+from gpa_hf.processing_gpa import GLM_PLACEHOLDER, SEMANTIC_PLACEHOLDER
 
 # The published LM (config.json of AutoArk-AI/GPA) and vocabulary layout.
 PUBLISHED_LM = {
@@ -295,18 +296,19 @@ def main() -> None:
             bicodec_inputs = bicodec_features(asr_clip, sampling_rate=SAMPLING_RATE)
             glm_inputs = glm_features(asr_clip, sampling_rate=SAMPLING_RATE)
             layout = PUBLISHED_LAYOUT
-            semantic = lm_model.bicodec.encode(
-                bicodec_inputs["input_values"].to(device), bicodec_inputs["attention_mask"].to(device)
-            ).semantic_codes[0]
-            glm = lm_model.speech_tokenizer.encode(
-                glm_inputs["input_features"].to(device), glm_inputs["attention_mask"].to(device)
-            ).audio_codes[0]
+            # What `generate` does with a processor's ASR inputs: both tokenizers (side by side on CPU), then the LM.
+            audio_ids = lm_model.audio_token_ids(
+                source_values=bicodec_inputs["input_values"],
+                source_attention_mask=bicodec_inputs["attention_mask"],
+                glm_input_features=glm_inputs["input_features"],
+                glm_attention_mask=glm_inputs["attention_mask"],
+            )
             ids = [
                 layout["start_glm"],
-                *(glm + layout["glm_offset"]).tolist(),
+                *audio_ids[GLM_PLACEHOLDER][0].tolist(),
                 layout["end_glm"],
                 layout["start_semantic"],
-                *(semantic + layout["semantic_offset"]).tolist(),
+                *audio_ids[SEMANTIC_PLACEHOLDER][0].tolist(),
                 layout["end_semantic"],
                 layout["start_content"],
             ]

@@ -24,8 +24,14 @@ from gpa_hf.generation_gpa import (
     GpaDecodingCache,
     allowed_token_mask,
 )
-from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaFusedAttention, GpaFusedMLP, GpaInt8OutputLayer
-from gpa_hf.processing_gpa import join_texts, split_text
+from gpa_hf.modeling_gpa import (
+    INT8_QCONFIG,
+    GpaFusedAttention,
+    GpaFusedMLP,
+    GpaInt8OutputLayer,
+    run_side_by_side_on_cpu,
+)
+from gpa_hf.processing_gpa import GLM_PLACEHOLDER, SEMANTIC_PLACEHOLDER, join_texts, split_text
 
 TEXT = "Hello world, this is Major Tom speaking."
 
@@ -46,6 +52,64 @@ def prompt_ids(model, processor, **kwargs) -> torch.Tensor:
 def test_prompts_equal_reference_sequences(gpa, expected_sequences, case, kwargs):
     model, processor = gpa
     assert prompt_ids(model, processor, **kwargs)[0].tolist() == expected_sequences["cases"][case]["input_ids"]
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_side_by_side_jobs_share_the_callers_threads_and_keep_its_grad_mode(two_threads):
+    both_running = threading.Barrier(2, timeout=10)  # broken (an error) unless the two jobs run at the same time
+
+    def job() -> tuple:
+        both_running.wait()
+        return (
+            threading.get_ident(),
+            torch.get_num_threads(),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+        )
+
+    caller = threading.get_ident()
+    with torch.inference_mode():
+        seen = run_side_by_side_on_cpu([job, job])
+    assert len({ident for ident, *_ in seen} | {caller}) == 3  # two worker threads
+    assert [state for _, *state in seen] == [[1, False, True]] * 2
+    with torch.no_grad():
+        assert [state for _, *state in run_side_by_side_on_cpu([job, job])] == [[1, False, False]] * 2
+    assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+
+    def failing() -> None:
+        raise ValueError("bad clip")
+
+    with pytest.raises(ValueError, match="bad clip"):
+        run_side_by_side_on_cpu([threading.get_ident, failing])
+    torch.set_num_threads(1)  # one thread to share: the jobs run in the caller's thread
+    assert run_side_by_side_on_cpu([threading.get_ident, threading.get_ident]) == [caller, caller]
+
+
+def test_asr_audio_tokenized_side_by_side_equals_each_tokenizer_alone(gpa, two_threads):
+    model, processor = gpa
+    inputs = processor(task="asr", audio=[str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")])
+    with torch.no_grad():
+        ids = model.audio_token_ids(
+            source_values=inputs["source_values"],
+            source_attention_mask=inputs["source_attention_mask"],
+            glm_input_features=inputs["glm_input_features"],
+            glm_attention_mask=inputs["glm_attention_mask"],
+        )
+        semantic = model.bicodec.encode(inputs["source_values"], inputs["source_attention_mask"])
+        glm = model.speech_tokenizer.encode(inputs["glm_input_features"], inputs["glm_attention_mask"])
+    layout = model.config.layout
+    for row in range(2):
+        expected = semantic.semantic_codes[row, : semantic.semantic_lengths[row]] + layout.semantic_offset
+        assert torch.equal(ids[SEMANTIC_PLACEHOLDER][row], expected)
+        expected = glm.audio_codes[row, : glm.code_lengths[row]] + layout.glm_offset
+        assert torch.equal(ids[GLM_PLACEHOLDER][row], expected)
 
 
 def test_saved_voice_gives_the_same_prompt_as_its_audio(gpa, expected_sequences, tmp_path):

@@ -199,30 +199,33 @@ class GpaTrainingDataBuilder:
         return item
 
     def _tokenize(self, items: list[dict]) -> None:
-        """Add the audio ids each item needs, computed in one batch per kind."""
+        """Add the audio ids each item needs, computed in one batch per kind (on CPU the semantic and GLM batches
+        side by side, see `audio_token_ids`)."""
         features = self.processor.feature_extractor
         semantic = [(item, "audio") for item in items] + [(item, "vc_audio") for item in items if "vc_audio" in item]
-        if semantic:
-            inputs, _, _ = features.source_features([item[name] for item, name in semantic], self.sampling_rate)
-            ids = self.model.audio_token_ids(**inputs)[SEMANTIC_PLACEHOLDER]
-            for (item, name), values in zip(semantic, ids):
-                item[f"{name}_semantic_ids"] = values.tolist()
         asr = [item for item in items if item["task"] == "asr"]
+        voiced = [item for item in items if "ref_audio" in item]
+        inputs = {}
+        if semantic:
+            source, _, _ = features.source_features([item[name] for item, name in semantic], self.sampling_rate)
+            inputs.update(source)
         if asr:
             glm = features.glm([item["audio"] for item in asr], sampling_rate=self.sampling_rate)
-            ids = self.model.audio_token_ids(
+            inputs.update(
                 glm_input_features=glm["input_features"],
                 glm_attention_mask=glm["attention_mask"],
                 glm_audio_index=glm["audio_index"],
-            )[GLM_PLACEHOLDER]
-            for item, values in zip(asr, ids):
-                item["glm_ids"] = values.tolist()
-        voiced = [item for item in items if "ref_audio" in item]
+            )
         if voiced:
             reference = features.reference_features([item["ref_audio"] for item in voiced], self.sampling_rate)
-            ids = self.model.audio_token_ids(reference_values=reference["reference_values"])[GLOBAL_PLACEHOLDER]
-            for item, values in zip(voiced, ids):
-                item["global_ids"] = values.tolist()
+            inputs["reference_values"] = reference["reference_values"]
+        ids = self.model.audio_token_ids(**inputs)
+        for (item, name), values in zip(semantic, ids.get(SEMANTIC_PLACEHOLDER, [])):
+            item[f"{name}_semantic_ids"] = values.tolist()
+        for item, values in zip(asr, ids.get(GLM_PLACEHOLDER, [])):
+            item["glm_ids"] = values.tolist()
+        for item, values in zip(voiced, ids.get(GLOBAL_PLACEHOLDER, [])):
+            item["global_ids"] = values.tolist()
 
     def _example(self, item: dict) -> dict[str, list[int]]:
         task = item["task"]

@@ -64,11 +64,11 @@ INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
 def run_side_by_side_on_cpu(jobs: list[Callable[[], object]]) -> list[object]:
     """Run independent CPU jobs at the same time, the caller's intra-op threads shared out among them.
 
-    The audio encoders use a second thread poorly (wav2vec2's feature encoder, layout copies, small products): on 2
-    cores, BiCodec's semantic path and the GLM tokenizer of a 4 s clip take 1.4 s and 1.3 s with one thread each,
-    1.0-1.2 s and 0.75 s with two, so ASR's two tokenizations take 1.8-2.0 s one after the other and 1.35 s side by
-    side. Grad and inference mode are per thread: each job runs in the caller's. Under CPU autocast (also per
-    thread), or with one thread or one job, the jobs run one after the other in the caller's thread.
+    A second thread makes each audio encoder only 1.5-1.7x faster: on 2 cores, BiCodec's semantic path and the GLM
+    tokenizer of a 4 s clip take 1.4 s and 1.3 s with one thread each, 0.9-1.2 s and 0.75 s with two, so ASR's two
+    tokenizations take 1.6 s one after the other and 1.3 s side by side. Grad and inference mode are per thread:
+    each job runs in the caller's. Under CPU autocast (also per thread), or with one thread or one job, the jobs
+    run one after the other in the caller's thread.
     """
     threads = torch.get_num_threads()
     if len(jobs) < 2 or threads < 2 or torch.is_autocast_enabled("cpu"):

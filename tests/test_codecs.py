@@ -467,3 +467,34 @@ def test_fresh_codec_starts_its_speaker_conditioned_norms_as_layer_norms(bicodec
     for norm in norms:
         assert not norm.scale.weight.any() and torch.equal(norm.scale.bias, torch.ones_like(norm.scale.bias))
         assert not norm.shift.weight.any() and not norm.shift.bias.any()
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), [(3, 2, 0, 1), (10, 5, 2, 2)])
+def test_time_major_convolution_equals_conv1d_and_keeps_the_layout(kernel, stride, padding, dilation):
+    """`BiCodecTimeMajorConv1d` (the semantic model's plain convolutions) gives `nn.Conv1d`'s output and gradients
+    for time-major and channel-major inputs, and keeps a time-major input's layout: the next layer norm copies
+    nothing."""
+    from gpa_hf.modeling_bicodec import BiCodecTimeMajorConv1d
+
+    torch.manual_seed(0)
+    plain = torch.nn.Conv1d(24, 16, kernel, stride=stride, padding=padding, dilation=dilation)
+    time_major = copy.deepcopy(plain)
+    time_major.__class__ = BiCodecTimeMajorConv1d
+    for inputs in (torch.randn(2, 300, 24).transpose(1, 2), torch.randn(2, 24, 300)):
+        inputs.requires_grad_(True)
+        expected, output = plain(inputs), time_major(inputs)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+        assert (output.stride(1) == 1) == (inputs.stride(1) == 1)
+        grads = torch.autograd.grad(output.square().sum(), (inputs, time_major.weight))
+        expected_grads = torch.autograd.grad(expected.square().sum(), (inputs, plain.weight))
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_semantic_model_convolves_its_feature_encoder_time_major(bicodec):
+    from gpa_hf.modeling_bicodec import BiCodecTimeMajorConv1d
+
+    semantic_model = bicodec[0].semantic_model
+    convolutions = [layer.conv for layer in semantic_model.feature_extractor.conv_layers]
+    assert all(type(conv) is BiCodecTimeMajorConv1d for conv in convolutions)
+    assert not isinstance(semantic_model.encoder.pos_conv_embed.conv, BiCodecTimeMajorConv1d)  # grouped, weight-normed

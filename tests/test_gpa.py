@@ -367,8 +367,9 @@ def test_decode_audio_gives_each_request_its_audio_alone(gpa):
     calls = []
     handle = model.bicodec.decoder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
     try:
-        with pytest.warns(UserWarning, match=r"requests \[2\] produced no audio tokens"):
+        with pytest.warns(UserWarning, match=r"requests \[2\] produced no audio tokens") as caught:
             waveforms = model.decode_audio(sequences, prompt.shape[1])
+        assert caught[0].filename == __file__  # the caller's line, not a decorator's in torch
     finally:
         handle.remove()
     hop = model.config.bicodec_config.hop_length

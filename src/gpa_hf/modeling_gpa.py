@@ -7,6 +7,7 @@ budget, and can decode the result to audio.
 """
 
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -59,6 +60,16 @@ BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP = 16
 # (relative error of the last hidden states: gpa-tiny 4.4% against 4.6%, published size with random weights 5.9%
 # against 6.6%), and a fused layer's rows quantize as those of its parts would.
 INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
+
+
+def warn_at_caller(message: str) -> None:
+    """`warnings.warn` pointing at the first frame outside gpa-hf, torch and transformers: `generate` is reached
+    through decorators and pipelines, and a fixed `stacklevel` would name one of their files instead of the user's."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the frame that called this function
+    libraries = {"gpa_hf", "torch", "transformers"}
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in libraries:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def run_side_by_side_on_cpu(jobs: list[Callable[[], object]]) -> list[object]:
@@ -454,7 +465,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             if semantic[-1].numel() == 0:
                 empty.append(row)
         if empty:
-            warnings.warn(f"requests {empty} produced no audio tokens; their waveforms are empty", stacklevel=2)
+            warn_at_caller(f"requests {empty} produced no audio tokens; their waveforms are empty")
         lengths = [codes.numel() for codes in semantic]
         hop = self.config.bicodec_config.hop_length
         waveforms = [torch.zeros(0) for _ in semantic]

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 from transformers.cache_utils import DynamicLayer
 
 import gpa_hf  # noqa: F401  (registers the Auto classes and pipelines)
-from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice
+from gpa_hf import GpaForConditionalGeneration, GpaProcessor, GpaVoice, modeling_gpa
 from gpa_hf.audio_utils import load_audio, split_at_pauses
 from gpa_hf.convert_gpa_original_to_hf import load_original_gpa
 from gpa_hf.generation_gpa import (
@@ -92,8 +92,15 @@ def test_side_by_side_jobs_share_the_callers_threads_and_keep_its_grad_mode(two_
     assert run_side_by_side_on_cpu([threading.get_ident, threading.get_ident]) == [caller, caller]
 
 
-def test_asr_audio_tokenized_side_by_side_equals_each_tokenizer_alone(gpa, two_threads):
+def test_asr_audio_tokenized_side_by_side_equals_each_tokenizer_alone(gpa, two_threads, monkeypatch):
     model, processor = gpa
+    assert not model.audio_encoders_run_side_by_side()  # small encoders run one after the other
+    monkeypatch.setattr(modeling_gpa, "SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS", 0)
+    assert model.audio_encoders_run_side_by_side()
+    calls = []
+    monkeypatch.setattr(
+        modeling_gpa, "run_side_by_side_on_cpu", lambda jobs: calls.append(len(jobs)) or run_side_by_side_on_cpu(jobs)
+    )
     inputs = processor(task="asr", audio=[str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")])
     with torch.no_grad():
         ids = model.audio_token_ids(
@@ -104,6 +111,7 @@ def test_asr_audio_tokenized_side_by_side_equals_each_tokenizer_alone(gpa, two_t
         )
         semantic = model.bicodec.encode(inputs["source_values"], inputs["source_attention_mask"])
         glm = model.speech_tokenizer.encode(inputs["glm_input_features"], inputs["glm_attention_mask"])
+    assert calls == [2]
     layout = model.config.layout
     for row in range(2):
         expected = semantic.semantic_codes[row, : semantic.semantic_lengths[row]] + layout.semantic_offset

@@ -199,8 +199,8 @@ class GpaTrainingDataBuilder:
         return item
 
     def _tokenize(self, items: list[dict]) -> None:
-        """Add the audio ids each item needs, computed in one batch per kind (on CPU the semantic and GLM batches
-        side by side, see `audio_token_ids`)."""
+        """Add the audio ids each item needs, computed in one batch per kind (large encoders on CPU: the semantic
+        and GLM batches side by side, see `audio_token_ids`)."""
         features = self.processor.feature_extractor
         semantic = [(item, "audio") for item in items] + [(item, "vc_audio") for item in items if "vc_audio" in item]
         asr = [item for item in items if item["task"] == "asr"]

@@ -62,6 +62,14 @@ BFLOAT16_CPU_CONV_MIN_CHANNELS_PER_GROUP = 16
 INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
 
 
+# ASR's two audio tokenizers run side by side on CPU (`run_side_by_side_on_cpu`) when both encoders have at least
+# this many parameters. The published ones (wav2vec2 215M, GLM 343M) take about as long as each other and gain (2
+# cores, 4 s clip: 1.24 s against 1.45 s one after the other); small ones such as gpa-tiny's (0.4M each) use a second
+# thread well and are unbalanced (its semantic path takes 4x the GLM tokenizer's time), so they lose (batch of 16:
+# 96 ms against 78 ms) and run one after the other.
+SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS = 10_000_000
+
+
 def warn_at_caller(message: str) -> None:
     """`warnings.warn` pointing at the first frame outside gpa-hf, torch and transformers: `generate` is reached
     through decorators and pipelines, and a fixed `stacklevel` would name one of their files instead of the user's."""
@@ -75,9 +83,9 @@ def warn_at_caller(message: str) -> None:
 def run_side_by_side_on_cpu(jobs: list[Callable[[], object]]) -> list[object]:
     """Run independent CPU jobs at the same time, the caller's intra-op threads shared out among them.
 
-    A second thread makes each audio encoder only 1.5-1.7x faster: on 2 cores, BiCodec's semantic path and the GLM
-    tokenizer of a 4 s clip take 1.4 s and 1.3 s with one thread each, 0.9-1.2 s and 0.75 s with two, so ASR's two
-    tokenizations take 1.6 s one after the other and 1.3 s side by side. Grad and inference mode are per thread:
+    A second thread makes each published-size audio encoder only 1.75x faster: on 2 cores, BiCodec's semantic path
+    and the GLM tokenizer of a 4 s clip take 1.24 s each on one thread and 0.71 s each on two, so ASR's two
+    tokenizations take 1.45 s one after the other and 1.24 s side by side. Grad and inference mode are per thread:
     each job runs in the caller's. Under CPU autocast (also per thread), or with one thread or one job, the jobs
     run one after the other in the caller's thread.
     """
@@ -361,7 +369,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 return [c[:n] + layout.glm_offset for c, n in zip(encoded.audio_codes, encoded.code_lengths)]
 
             jobs[GLM_PLACEHOLDER] = glm_ids
-        if self.device.type == "cpu":
+        if len(jobs) > 1 and self.audio_encoders_run_side_by_side():
             ids = dict(zip(jobs, run_side_by_side_on_cpu(list(jobs.values()))))
         else:
             ids = {kind: job() for kind, job in jobs.items()}
@@ -369,6 +377,15 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             encoded = self.bicodec.encode_speaker(reference_values.to(self.device))
             ids[GLOBAL_PLACEHOLDER] = list(encoded.global_codes + layout.global_offset)
         return ids
+
+    def audio_encoders_run_side_by_side(self) -> bool:
+        """Whether `audio_token_ids` runs the semantic path and the GLM tokenizer side by side: on CPU, when both
+        encoders are large (`SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS`)."""
+        encoders = (self.bicodec.semantic_model, self.speech_tokenizer)
+        if self.device.type != "cpu" or any(encoder is None for encoder in encoders):
+            return False
+        sizes = [sum(parameter.numel() for parameter in encoder.parameters()) for encoder in encoders]
+        return min(sizes) >= SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS
 
     @torch.no_grad()
     def fill_audio_tokens(

@@ -384,8 +384,7 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         encoders = (self.bicodec.semantic_model, self.speech_tokenizer)
         if self.device.type != "cpu" or any(encoder is None for encoder in encoders):
             return False
-        sizes = [sum(parameter.numel() for parameter in encoder.parameters()) for encoder in encoders]
-        return min(sizes) >= SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS
+        return min(encoder.num_parameters() for encoder in encoders) >= SIDE_BY_SIDE_MIN_ENCODER_PARAMETERS
 
     @torch.no_grad()
     def fill_audio_tokens(
@@ -472,18 +471,17 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         `cuda_graphs`: decode with [`synthesize`]'s CUDA graphs (on a CUDA device).
         """
         layout = self.config.layout
-        semantic, voices, empty = [], [], []
-        for row, sequence in enumerate(sequences):
+        semantic, voices = [], []
+        for sequence in sequences:
             prompt, new = sequence[:prompt_length], sequence[prompt_length:]
             stops = (new == layout.stop).nonzero()
             new = new[: stops[0, 0]] if stops.numel() else new
             semantic.append(layout.block_codes(new, "semantic"))
             voices.append(layout.block_codes(prompt, "global"))
-            if semantic[-1].numel() == 0:
-                empty.append(row)
+        lengths = [codes.numel() for codes in semantic]
+        empty = [row for row, length in enumerate(lengths) if not length]
         if empty:
             warn_at_caller(f"requests {empty} produced no audio tokens; their waveforms are empty")
-        lengths = [codes.numel() for codes in semantic]
         hop = self.config.bicodec_config.hop_length
         waveforms = [torch.zeros(0) for _ in semantic]
         # One codec call for the batch: on CPU the wave generator decodes each item to its own length anyway.

@@ -64,3 +64,13 @@ def gpa(converted):
 
     model = GpaForConditionalGeneration.from_pretrained(converted).eval()
     return model, GpaProcessor.from_pretrained(converted)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, as on the 2-core machines the CPU paths are tuned for (the gpa-tiny recipe sets them
+    itself); later tests get back the count they had."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

@@ -54,14 +54,6 @@ def test_prompts_equal_reference_sequences(gpa, expected_sequences, case, kwargs
     assert prompt_ids(model, processor, **kwargs)[0].tolist() == expected_sequences["cases"][case]["input_ids"]
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_side_by_side_jobs_share_the_callers_threads_and_keep_its_grad_mode(two_threads):
     both_running = threading.Barrier(2, timeout=10)  # broken (an error) unless the two jobs run at the same time
 

@@ -723,17 +723,7 @@ def test_vc_bounds_scores_four_renditions_against_clips_and_voices(tmp_path, mon
     assert results["espeak-ng clip"]["closer_to_target_voice_rate"] == pytest.approx(np.mean(closer_by_voice))
 
 
-@pytest.fixture
-def keep_thread_count():
-    """The recipe sets 2 threads, as its timings assume; later tests get the count they had."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(
-    gpa_tiny_recipe, tmp_path, monkeypatch, capsys, keep_thread_count
-):
+def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(gpa_tiny_recipe, tmp_path, monkeypatch, capsys, two_threads):
     """The whole recipe at a toy size (a stand-in for espeak-ng): corpus, both audio tokenizers, two LM cycles, the
     harmonic synthesiser and the held-out evaluation; then a run resumed at the second LM cycle retrains the LM alone.
     Guards the recipe, which takes two hours at its real size, against changes in the package it is built on."""

@@ -280,6 +280,7 @@ def cmd_finetune(args) -> None:
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         activation_checkpointing=args.gradient_checkpointing,
+        micro_batches_by_length=args.micro_batches_by_length,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
@@ -441,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="group_by_length",
         action="store_true",
         help="batch rows of similar length together (less padding, faster)",
+    )
+    finetune.add_argument(
+        "--micro-batches-by-length",
+        dest="micro_batches_by_length",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each batch as N micro-batches of rows of similar length, each padded to its own longest row: the "
+        "same batches and gradient as N=1, less padding computed (faster on CPU; 2 suits gpa-tiny's batches of 16)",
     )
     finetune.add_argument(
         "--semantic-input-noise",

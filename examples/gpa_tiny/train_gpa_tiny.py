@@ -2,7 +2,7 @@
 
     python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
 
-Stages (each prints its progress; the whole recipe takes about 100 minutes on 2 cores):
+Stages (each prints its progress; the whole recipe takes 100-120 minutes on 2 cores):
 1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the

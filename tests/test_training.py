@@ -777,7 +777,8 @@ def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(gpa_tiny_recipe, tmp_path, 
     work, output = tmp_path / "work", tmp_path / "model"
     toy = ["--utterances", "16", "--heldout", "4", "--codec-steps", "2", "--codec-batch-size", "4"]
     toy += ["--harmonic-steps", "2", "--lm-hidden-size", "32", "--lm-layers", "1", "--lm-epochs", "1"]
-    toy += ["--lm-cycles", "1", "--recorded-asr-cycles", "1", "--work-dir", str(work), "--output-dir", str(output)]
+    toy += ["--lm-cycles", "1", "--recorded-asr-cycles", "1", "--lm-micro-batches", "2"]
+    toy += ["--work-dir", str(work), "--output-dir", str(output)]
     monkeypatch.setattr(sys, "argv", ["train_gpa_tiny.py", *toy])
     assert gpa_tiny_recipe.main() == 0
     printed = capsys.readouterr().out

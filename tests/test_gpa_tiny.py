@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from gpa_hf.cli import main
 from gpa_hf.evaluation_gpa import error_rate
 
 HELDOUT = FIXTURES / "gpa_tiny_heldout"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +162,65 @@ def test_streaming_continues_the_harmonic_phase(heldout):
     assert joined.numel() == offline.numel()
     snr = 10 * torch.log10(offline.pow(2).sum() / (offline - joined).pow(2).sum())
     assert snr > 30, float(snr)
+
+
+def test_asr_robustness_changes_clips_as_described(heldout):
+    """`asr_robustness.py`'s changes do what its table says: the level of the noise and of the echo, the band of the
+    telephone, the silences, and long recordings of four clips with their four transcripts."""
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    import asr_robustness
+
+    clip = sf.read(heldout[0]["audio"], dtype="float32")[0]
+    generator = np.random.default_rng(0)
+
+    def decibels(signal: np.ndarray, reference: np.ndarray) -> float:
+        return 10 * np.log10(np.sum(signal.astype(np.float64) ** 2) / np.sum(reference.astype(np.float64) ** 2))
+
+    noisy = asr_robustness.with_noise(20)(clip, generator)
+    assert decibels(noisy - clip, clip) == pytest.approx(-20, abs=0.5)
+    padded = asr_robustness.with_noise(40, asr_robustness.padded(1.0, 0.5))(clip, generator)
+    assert padded.size == clip.size + 24000
+    assert decibels(padded[16000:-8000] - clip, clip) == pytest.approx(-40, abs=0.5)  # the speech in its place
+    assert decibels(padded[:16000], clip) == pytest.approx(-40 + 10 * np.log10(16000 / clip.size), abs=0.5)
+    echoed = asr_robustness.room(0.05, 0.0)(clip, generator)
+    assert echoed.size == clip.size and decibels(echoed - clip, clip) == pytest.approx(0, abs=2.0)  # one draw
+    hall = asr_robustness.room(0.3, 6.0)(clip, generator)
+    assert decibels(hall - clip, clip) == pytest.approx(6, abs=2.0)
+    telephone = np.abs(np.fft.rfft(asr_robustness.telephone(clip, generator)))
+    band = np.fft.rfftfreq(clip.size, 1 / 16000) > 4100
+    assert decibels(telephone[band], np.abs(np.fft.rfft(clip))[band]) < -40
+    assert decibels(asr_robustness.quieter(26)(clip, generator), clip) == pytest.approx(-26, abs=1e-3)
+
+    clips = [sf.read(row["audio"], dtype="float32")[0] for row in heldout]
+    recordings, transcripts = asr_robustness.long_recordings(clips, [row["text"] for row in heldout], generator)
+    assert transcripts == [" ".join(row["text"] for row in heldout)]
+    pauses = (recordings[0].size - sum(c.size for c in clips)) / 16000
+    assert 3 * 0.3 <= pauses <= 3 * 0.8
+
+
+def test_asr_robustness_reports_every_change(heldout, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(EXAMPLES / "gpa_tiny"))
+    import asr_robustness
+
+    rows = [{"task": "stt", "audio": Path(row["audio"]).name, "text": row["text"]} for row in heldout]
+    argv = ["asr_robustness.py", "--corpus", str(tmp_path), "--output", str(tmp_path / "r.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ValueError, match=r"heldout_asr\.jsonl: no such file"):
+        asr_robustness.main()
+    (tmp_path / "heldout_asr.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for row in heldout:
+        (tmp_path / Path(row["audio"]).name).symlink_to(row["audio"])
+    assert asr_robustness.main() == 0
+    printed = capsys.readouterr().out
+    conditions = json.loads((tmp_path / "r.json").read_text())["conditions"]
+    assert list(conditions) == [*asr_robustness.CHANGES, asr_robustness.LONG_RECORDINGS]
+    for name, result in conditions.items():
+        assert f"{name:74s} {result['cer']:6.1%}" in printed
+    assert len(conditions[asr_robustness.LONG_RECORDINGS]["items"]) == 1
+    assert all(
+        len(result["items"]) == len(heldout) for name, result in conditions.items() if name in asr_robustness.CHANGES
+    )
+    as_made = conditions["the clips as espeak-ng made them"]
+    assert main(["asr", *[row["audio"] for row in heldout], "--json"]) == 0
+    texts = json.loads(capsys.readouterr().out)
+    assert [item["prediction"] for item in as_made["items"]] == [texts[row["audio"]] for row in heldout]

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import soxr
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_gpa_tiny import echo_tail, telephone_band
 
 from gpa_hf import DEFAULT_MODEL, GpaForConditionalGeneration, GpaProcessor
 from gpa_hf.audio_utils import load_audio
@@ -53,17 +55,15 @@ def quieter(decibels: float) -> Change:
 
 
 def telephone(clip: np.ndarray, _: np.random.Generator) -> np.ndarray:
-    """Sampled at 8 kHz and back: no energy above 4 kHz."""
-    return soxr.resample(soxr.resample(clip, SAMPLING_RATE, 8000), 8000, SAMPLING_RATE)[: clip.size]
+    """Sampled at 8 kHz and back: no energy above 4 kHz (the recipe's `telephone_band`)."""
+    return telephone_band(clip)
 
 
 def room(decay_seconds: float, decibels_above: float) -> Change:
     """An echo: a noise tail decaying by 60 dB over `decay_seconds`, `decibels_above` the direct sound's energy."""
 
     def echoed(clip: np.ndarray, generator: np.random.Generator) -> np.ndarray:
-        length = round(decay_seconds * SAMPLING_RATE)
-        echo = generator.standard_normal(length) * np.exp(-6.9 * np.arange(length) / length)
-        echo[0] = 0.0
+        echo = echo_tail(generator, decay_seconds)
         echo *= 10 ** (decibels_above / 20) / np.sqrt(np.sum(echo**2))
         return (clip + np.convolve(clip, echo)[: clip.size]).astype(np.float32)
 

@@ -584,6 +584,19 @@ def with_tts_rows_for_vc_targets(train: Path) -> Path:
     return output
 
 
+def telephone_band(clip: np.ndarray) -> np.ndarray:
+    """`clip` (16 kHz) sampled at 8 kHz and back: nothing above 4 kHz, the same length."""
+    return soxr.resample(soxr.resample(clip, 16000, 8000), 8000, 16000)[: clip.size]
+
+
+def echo_tail(generator: np.random.Generator, seconds: float) -> np.ndarray:
+    """A room's echo as a filter tail: noise decaying by 60 dB over `seconds` (16 kHz), no direct sound at lag 0."""
+    length = int(seconds * 16000)
+    echo = generator.normal(size=length) * np.exp(-6.9 * np.arange(length) / length)
+    echo[0] = 0.0
+    return echo
+
+
 def recorded(speech: np.ndarray, generator: np.random.Generator) -> np.ndarray:
     """An espeak-ng clip as a recording might have it: 0-0.6 s of silence before and after, a level 0-30 dB lower,
     and in some clips a telephone band (8 kHz sampling, 1 in 4), a room (an echo decaying over 0.1-0.5 s, 1 in 3) or
@@ -591,11 +604,9 @@ def recorded(speech: np.ndarray, generator: np.random.Generator) -> np.ndarray:
     before, after = (np.zeros(int(generator.uniform(0, 0.6) * 16000)) for _ in range(2))
     clip = np.concatenate([before, speech, after]) * 10 ** (-generator.uniform(0, 30) / 20)
     if generator.random() < 0.25:
-        clip = soxr.resample(soxr.resample(clip, 16000, 8000), 8000, 16000)[: clip.size]
+        clip = telephone_band(clip)
     if generator.random() < 1 / 3:
-        length = int(generator.uniform(0.1, 0.5) * 16000)
-        echo = generator.normal(size=length) * np.exp(-6.9 * np.arange(length) / length)  # -60 dB at its end
-        echo[0] = 0.0
+        echo = echo_tail(generator, generator.uniform(0.1, 0.5))
         clip = clip + np.convolve(clip, echo * generator.uniform(0.01, 0.05))[: clip.size]
     if generator.random() < 0.5:
         loudness = np.sqrt(np.mean(clip**2))

@@ -454,6 +454,86 @@ def test_harmonic_settings_are_checked(bicodec, expected):
         bicodec[0].pitch(expected["000.semantic_tokens"][None], expected["000.global_tokens"])
 
 
+# ---- the optional magnitude refiner ---------------------------------------------------------------------------
+def codec_with_magnitude_refiner(bicodec):
+    """The fixture codec plus a small magnitude refiner (its new modules at their initial weights)."""
+    from gpa_hf import BiCodecModel
+
+    config = copy.deepcopy(bicodec[0].config)
+    config.magnitude_n_fft, config.magnitude_dim, config.magnitude_num_layers = 640, 32, 1
+    torch.manual_seed(0)
+    codec = BiCodecModel(config).eval()
+    missing, unexpected = codec.load_state_dict(bicodec[0].state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("magnitude_refiner.") for key in missing)
+    return codec
+
+
+def test_magnitude_refiner_frames_are_the_stft_and_add_back_to_the_audio(bicodec, expected):
+    refiner = codec_with_magnitude_refiner(bicodec).magnitude_refiner
+    audio = expected["000.decoded_wav"][None]
+    frames = refiner.frames(audio)
+    stft = torch.stft(audio, 640, 160, window=torch.hann_window(640), pad_mode="constant", return_complex=True)
+    torch.testing.assert_close(frames, torch.cat([stft.real, stft.imag], dim=1), atol=1e-4, rtol=0)
+    every_frame = torch.ones(1, 1, frames.shape[-1])
+    torch.testing.assert_close(refiner.overlap_add(frames, every_frame, audio.shape[-1]), audio, atol=1e-5, rtol=0)
+
+
+def test_magnitude_refiner_sets_the_magnitudes_and_keeps_the_phase(bicodec, expected):
+    refiner = codec_with_magnitude_refiner(bicodec).magnitude_refiner
+    audio = expected["000.decoded_wav"][None]
+    mask = torch.ones(1, 1, audio.shape[-1] // 320)
+    real, imaginary = refiner.frames(audio).chunk(2, dim=1)
+    own = torch.sqrt(real**2 + imaginary**2).clamp(min=1e-8).log()
+    torch.testing.assert_close(refiner.with_magnitudes(audio, own, mask), audio, atol=1e-4, rtol=0)
+    halved = refiner.with_magnitudes(audio, own + np.log(0.5), mask)
+    torch.testing.assert_close(halved, audio / 2, atol=1e-4, rtol=0)
+    louder_highs = own + torch.linspace(0, 2, own.shape[1])[:, None]  # +17 dB at 8 kHz
+    assert (refiner.with_magnitudes(audio, louder_highs, mask) - audio).abs().max() > 0.01
+
+
+def test_codec_with_magnitude_refiner_batches_and_round_trips(bicodec, expected, tmp_path):
+    """Each item of a padded batch is refined as it is alone (frames past its end are left out of the overlap-add),
+    and zeros past its end; the codec saves and loads with its refiner."""
+    from gpa_hf import BiCodecModel
+    from gpa_hf.modeling_bicodec import lengths_to_mask
+
+    codec = codec_with_magnitude_refiner(bicodec)
+    tokens = [expected[f"{c}.semantic_tokens"] for c in CLIPS]
+    lengths = torch.tensor([t.shape[0] for t in tokens])
+    voices = torch.cat([expected[f"{c}.global_tokens"] for c in CLIPS])
+    padded = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    mask = lengths_to_mask(lengths, padded.shape[1])
+    with torch.no_grad():
+        hidden = codec.decoder_inputs(padded, voices, mask)
+        plain = bicodec[0].decode(padded, voices, lengths).audio_values
+        batch = codec.magnitude_refiner(plain, hidden, mask)
+        for index, length in enumerate(lengths.tolist()):
+            alone = codec.magnitude_refiner(
+                plain[index : index + 1, : length * 320],
+                hidden[index : index + 1, :, :length],
+                mask[index : index + 1, :, :length],
+            )[0]
+            torch.testing.assert_close(batch[index, : length * 320], alone, atol=1e-5, rtol=0)
+            assert not batch[index, length * 320 :].any()
+        decoded = codec.decode(padded, voices, lengths).audio_values
+    torch.testing.assert_close(decoded, batch, atol=1e-5, rtol=0)
+    assert (decoded - plain).abs().max() > 0.01  # the refiner changes the audio
+    codec.save_pretrained(tmp_path)
+    loaded = BiCodecModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.magnitude_n_fft == 640
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(padded, voices, lengths).audio_values, decoded, atol=1e-6, rtol=0)
+
+
+def test_magnitude_refiner_settings_are_checked():
+    from gpa_hf import BiCodecConfig
+
+    with pytest.raises(ValueError, match="magnitude_n_fft must be >= 0"):
+        BiCodecConfig(magnitude_n_fft=-1)
+    with pytest.raises(ValueError, match="magnitude_hop_length=300 must divide hop_length=320"):
+        BiCodecConfig(magnitude_n_fft=640, magnitude_hop_length=300)
+
+
 def test_fresh_codec_starts_its_speaker_conditioned_norms_as_layer_norms(bicodec):
     """A codec built from its config (to train it) starts each speaker-conditioned norm as a plain LayerNorm (scale
     1, shift 0 whatever the d-vector). transformers skips `_init_weights` for modules without direct parameters,

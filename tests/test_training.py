@@ -593,11 +593,10 @@ def test_gpa_tiny_recipe_adds_a_harmonic_synthesizer_without_changing_a_token(gp
 
     model = GpaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()
     config = copy.deepcopy(model.config.bicodec_config)
-    config.harmonic_count = 0
+    config.harmonic_count = config.magnitude_n_fft = 0
     plain = BiCodecModel(config).eval()
-    plain.load_state_dict(
-        {k: v for k, v in model.bicodec.state_dict().items() if "harmonic" not in k and "pitch" not in k}
-    )
+    later_stages = ("harmonic_synthesizer.", "pitch_predictor.", "magnitude_refiner.")
+    plain.load_state_dict({k: v for k, v in model.bicodec.state_dict().items() if not k.startswith(later_stages)})
     heldout = FIXTURES / "gpa_tiny_heldout"
     rows = [{**row, "speaker": "one"} for row in json.loads((heldout / "clips.json").read_text())]
     codec = gpa_tiny_recipe.train_harmonic_synthesizer(plain, rows, heldout, steps=2, batch_size=2, seed=0)
@@ -622,6 +621,36 @@ def test_gpa_tiny_recipe_adds_a_harmonic_synthesizer_without_changing_a_token(gp
     assembled_state = assembled.state_dict()
     assert all(torch.equal(v, assembled_state[k]) for k, v in lm.items())
     assert assembled.config.bicodec_config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT
+
+
+def test_gpa_tiny_recipe_adds_a_magnitude_refiner_and_changes_nothing_else(gpa_tiny_recipe, capsys):
+    """The magnitude refiner's stage on gpa-tiny's codec without its refiner: every other weight stays, so tokens,
+    wave generator and LM stay valid, and the refined decode keeps the wave generator's length and phase."""
+    from gpa_hf import DEFAULT_MODEL, BiCodecModel, GpaForConditionalGeneration, GpaProcessor
+
+    model = GpaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()
+    config = copy.deepcopy(model.config.bicodec_config)
+    config.magnitude_n_fft = 0
+    plain = BiCodecModel(config).eval()
+    plain.load_state_dict({k: v for k, v in model.bicodec.state_dict().items() if not k.startswith("magnitude_")})
+    heldout = FIXTURES / "gpa_tiny_heldout"
+    rows = [
+        {**row, "speaker": "one" if i % 2 else "two"}
+        for i, row in enumerate(json.loads((heldout / "clips.json").read_text()))
+    ]
+    codec = gpa_tiny_recipe.train_magnitude_refiner(plain, rows, heldout, steps=2, seed=0, batch_size=2)
+    assert codec.config.magnitude_n_fft == gpa_tiny_recipe.MAGNITUDE_N_FFT
+    assert "[magnitude refiner] step 2/2" in capsys.readouterr().out
+    before, after = plain.state_dict(), codec.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    features = GpaProcessor.from_pretrained(DEFAULT_MODEL).feature_extractor.bicodec
+    inputs = features([str(heldout / rows[0]["audio"])], sampling_rate=16000)
+    with torch.no_grad():
+        tokens = plain.encode(**inputs)
+        unrefined = plain.decode(tokens.semantic_codes, tokens.global_codes).audio_values
+        refined = codec.decode(tokens.semantic_codes, tokens.global_codes).audio_values
+    assert torch.equal(tokens.semantic_codes, codec.encode(**inputs).semantic_codes)
+    assert refined.shape == unrefined.shape and (refined - unrefined).abs().max() > 0
 
 
 def test_speaker_judge_trains_checks_unheard_voices_and_serves_eval(tmp_path, monkeypatch, capsys):
@@ -776,7 +805,8 @@ def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(gpa_tiny_recipe, tmp_path, 
     fake_espeak(monkeypatch, corpus)
     work, output = tmp_path / "work", tmp_path / "model"
     toy = ["--utterances", "16", "--heldout", "4", "--codec-steps", "2", "--codec-batch-size", "4"]
-    toy += ["--harmonic-steps", "2", "--lm-hidden-size", "32", "--lm-layers", "1", "--lm-epochs", "1"]
+    toy += ["--harmonic-steps", "2", "--magnitude-steps", "2", "--lm-hidden-size", "32", "--lm-layers", "1"]
+    toy += ["--lm-epochs", "1"]
     toy += ["--lm-cycles", "1", "--recorded-asr-cycles", "1", "--lm-micro-batches", "2"]
     toy += ["--work-dir", str(work), "--output-dir", str(output)]
     monkeypatch.setattr(sys, "argv", ["train_gpa_tiny.py", *toy])
@@ -791,6 +821,7 @@ def test_gpa_tiny_recipe_runs_end_to_end_and_resumes(gpa_tiny_recipe, tmp_path, 
     model = GpaForConditionalGeneration.from_pretrained(output)
     processor = GpaProcessor.from_pretrained(output)
     assert model.config.bicodec_config.harmonic_count == gpa_tiny_recipe.HARMONIC_COUNT
+    assert model.config.bicodec_config.magnitude_n_fft == gpa_tiny_recipe.MAGNITUDE_N_FFT
     assert processor.max_source_seconds > 0 and processor.default_voice is not None
 
     monkeypatch.setattr(sys, "argv", ["train_gpa_tiny.py", *toy, "--first-cycle", "2"])

@@ -2,7 +2,7 @@
 
     python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
 
-Stages (each prints its progress; the whole recipe takes 95-115 minutes on 2 cores):
+Stages (each prints its progress; the whole recipe takes 105-125 minutes on 2 cores):
 1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
@@ -20,7 +20,10 @@ Stages (each prints its progress; the whole recipe takes 95-115 minutes on 2 cor
 4. the codec's harmonic synthesizer: a pitch head and a sine synthesizer added to the wave generator, trained with
    the prenet and wave generator on pitch tracks of the corpus while the tokenizing paths stay frozen (every token,
    and so the LM, stays valid). A wave generator this small, trained this briefly, makes noisy audio with little
-   periodicity, which loses much of a voice; the synthesizer makes voiced frames periodic at the predicted pitch;
+   periodicity, which loses much of a voice; the synthesizer makes voiced frames periodic at the predicted pitch.
+   Then the codec's magnitude refiner, trained alone: it predicts each frame's magnitude spectrum from the tokens
+   and the voice, and decoding gives the audio that magnitude (held-out voice conversion closer to the target voice
+   in 89% of pairs with it, 75% without);
 5. evaluation on the held-out sets with `gpa-hf eval`'s code; the checkpoint and a report go to `--output-dir`.
 `--audio-tokenizers-from FOLDER` reuses the audio tokenizers of a trained gpa-tiny (stage 2 skipped), to try LM
 settings in a third of the time.
@@ -87,6 +90,7 @@ EARLY_RESTARTS = (10,)  # the step at which unused codewords are first moved ont
 SPEAKER_LOSS_WEIGHT = 0.5
 HARMONIC_COUNT = 48  # harmonics of the codec's sine synthesiser: up to 3.8 kHz at 80 Hz, Nyquist at 167 Hz
 PITCH_WINDOW_SAMPLES = 1024  # pitch targets: 64 ms windows, 4 periods at 60 Hz
+MAGNITUDE_N_FFT = 640  # the magnitude refiner's frames: 40 ms, 25 Hz bins, 4 per 25 Hz token
 TRAINED_LAYERS = (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)
 CONSISTENCY_LOSS_WEIGHT = 0.5
 
@@ -445,6 +449,20 @@ def pitch_loss(
     return voicing + distance.sum() / voiced.sum().clamp(min=1)
 
 
+def with_new_modules(bicodec: BiCodecModel, modules: tuple[str, ...], **config_changes) -> BiCodecModel:
+    """A copy of `bicodec` whose config takes `config_changes`, which add `modules`: those at their initial weights,
+    every other weight `bicodec`'s (raises if the changes add or drop anything else)."""
+    config = copy.deepcopy(bicodec.config)
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    codec = BiCodecModel(config).eval()
+    missing, unexpected = codec.load_state_dict(bicodec.state_dict(), strict=False)
+    new_keys = {f"{name}.{key}" for name in modules for key in getattr(codec, name).state_dict()}
+    if unexpected or set(missing) != new_keys:
+        raise RuntimeError(f"unexpected weights {unexpected}, missing {sorted(set(missing) - new_keys)}")
+    return codec
+
+
 def train_harmonic_synthesizer(
     bicodec: BiCodecModel,
     rows: list[dict],
@@ -463,18 +481,10 @@ def train_harmonic_synthesizer(
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = copy.deepcopy(bicodec.config)
-    config.harmonic_count = harmonic_count
-    synthesizing = BiCodecModel(config).eval()
-    missing, unexpected = synthesizing.load_state_dict(bicodec.state_dict(), strict=False)
-    new_modules = (synthesizing.pitch_predictor, synthesizing.harmonic_synthesizer)
-    new_keys = {
-        f"{name}.{key}"
-        for name in ("pitch_predictor", "harmonic_synthesizer")
-        for key in getattr(synthesizing, name).state_dict()
-    }
-    if unexpected or set(missing) != new_keys:
-        raise RuntimeError(f"unexpected weights {unexpected}, missing {sorted(set(missing) - new_keys)}")
+    new_names = ("pitch_predictor", "harmonic_synthesizer")
+    synthesizing = with_new_modules(bicodec, new_names, harmonic_count=harmonic_count)
+    config = synthesizing.config
+    new_modules = tuple(getattr(synthesizing, name) for name in new_names)
     for module in new_modules:
         prepare_for_training(module)
     synthesizing.requires_grad_(False)
@@ -556,12 +566,92 @@ def train_harmonic_synthesizer(
     return synthesizing.requires_grad_(False).eval()
 
 
+def train_magnitude_refiner(
+    bicodec: BiCodecModel,
+    rows: list[dict],
+    folder: Path,
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    crop_tokens: int = 40,
+    learning_rate: float = 1e-3,
+) -> BiCodecModel:
+    """A copy of `bicodec` with a magnitude refiner, trained alone (L1 on log magnitudes) while every other part
+    stays as it is, so every token, the wave generator and the LM stay valid.
+
+    Each clip's decoder input is computed from its semantic tokens and the global tokens of *another* clip of its
+    voice, as in voice conversion, and the refiner learns the clip's own spectrum from it. A spectrum regressed
+    directly keeps the voice that the wave generator's mel-trained output averages away (see the model card).
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    refining = with_new_modules(bicodec, ("magnitude_refiner",), magnitude_n_fft=MAGNITUDE_N_FFT)
+    config, refiner = refining.config, refining.magnitude_refiner
+    prepare_for_training(refiner)
+    refining.requires_grad_(False)
+    refiner.requires_grad_(True).train()
+    features = BiCodecFeatureExtractor(hop_length=config.hop_length, reference_length=config.reference_length)
+    hop, frames_per_token = config.hop_length, refiner.frames_per_token
+    speaker_of = [row["speaker"] for row in rows]
+    clips_of = clips_by_speaker(speaker_of)
+    codes, global_codes, targets = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 32):
+            batch = list(range(start, min(start + 32, len(rows))))
+            clips = [load_audio(folder / rows[i]["audio"]) for i in batch]
+            inputs = features(clips, sampling_rate=16000, return_reference=False)
+            encoded = refining.encode(inputs["input_values"], inputs["attention_mask"])
+            others = other_clips_of_their_speakers(batch, speaker_of, clips_of, rng)
+            reference = features.speaker_inputs([load_audio(folder / rows[j]["audio"]) for j in others], 16000)
+            voices = refining.encode_speaker(reference["reference_values"]).global_codes
+            for row, clip in enumerate(clips):
+                tokens = int(encoded.semantic_lengths[row])
+                waveform = torch.from_numpy(features.prepare_waveform(clip, 16000)[: tokens * hop]).float()
+                waveform = F.pad(waveform, (0, tokens * hop - waveform.shape[-1]))
+                real, imaginary = refiner.frames(waveform.unsqueeze(0))[0].chunk(2)
+                targets.append(torch.sqrt(real**2 + imaginary**2).clamp(min=1e-5).log().half())
+                codes.append(encoded.semantic_codes[row, :tokens].clone())
+                global_codes.append(voices[row].clone())
+    optimizer = torch.optim.AdamW(refiner.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.05)
+    started = time.perf_counter()
+    span = crop_tokens * frames_per_token
+    for step in range(1, steps + 1):
+        batch = rng.sample(range(len(rows)), batch_size)
+        starts = [rng.randint(0, max(0, len(codes[i]) - crop_tokens)) for i in batch]
+        sizes = [min(crop_tokens, len(codes[i]) - s) for i, s in zip(batch, starts)]
+        crops = [codes[i][s : s + n] for i, s, n in zip(batch, starts, sizes)]
+        semantic = torch.stack([F.pad(crop, (0, crop_tokens - len(crop))) for crop in crops])
+        target = torch.stack(
+            [F.pad(targets[i][:, s * frames_per_token :].float(), (0, span))[:, :span] for i, s in zip(batch, starts)]
+        )
+        mask = lengths_to_mask(torch.tensor(sizes), crop_tokens)
+        with torch.no_grad():
+            conditioned = refining.decoder_inputs(semantic, torch.stack([global_codes[i] for i in batch]), mask)
+        predicted = refiner.log_magnitudes(conditioned, mask)[..., :span]
+        valid = mask.repeat_interleave(frames_per_token, dim=-1)
+        loss = ((predicted - target).abs() * valid).sum() / (valid.sum() * predicted.shape[1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(refiner.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0 or step in (1, steps):
+            print(
+                f"[magnitude refiner] step {step}/{steps}  log-magnitude L1 {loss.item():.3f}  "
+                f"{time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+    return refining.requires_grad_(False).eval()
+
+
 def with_codec(model: GpaForConditionalGeneration, bicodec: BiCodecModel) -> GpaForConditionalGeneration:
     """`model` with `bicodec` in place of its codec (a codec whose config differs: new modules)."""
     config = copy.deepcopy(model.config)
     config.bicodec_config = copy.deepcopy(bicodec.config)
     replaced = GpaForConditionalGeneration(config)
-    state = model.state_dict() | {f"bicodec.{key}": value for key, value in bicodec.state_dict().items()}
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("bicodec.")}
+    state |= {f"bicodec.{key}": value for key, value in bicodec.state_dict().items()}
     replaced.load_state_dict(state)
     replaced.generation_config = model.generation_config
     return replaced.eval()
@@ -696,6 +786,13 @@ def main() -> int:
         default=2000,
         help="steps of stage 4, which adds the codec's harmonic synthesizer (0: none, the wave generator alone)",
     )
+    parser.add_argument(
+        "--magnitude-steps",
+        type=int,
+        default=1500,
+        help="steps of the stage that adds the codec's magnitude refiner, after stage 4 (0: none); voice conversion "
+        "closer to the target voice in 74.5%% of held-out pairs without it",
+    )
     parser.add_argument("--lm-hidden-size", type=int, default=192)
     parser.add_argument("--lm-layers", type=int, default=4)
     parser.add_argument("--lm-epochs", type=float, default=3, help="epochs of each LM training cycle")
@@ -790,8 +887,9 @@ def main() -> int:
     print(report, flush=True)
     rows_files, with_recorded = [train_file], None
     last_cycle = args.lm_cycles + args.recorded_asr_cycles
-    if max(args.first_cycle, args.lm_cycles + 1) <= last_cycle:
+    if args.recorded_asr_cycles:  # also when resuming past those cycles: the prompt limits below cover their clips
         rows_files.append(recorded_asr_rows(train_file, args.seed))
+    if max(args.first_cycle, args.lm_cycles + 1) <= last_cycle:
         recorded_rows, report = prepare_dataset(
             load_jsonl_dataset(rows_files[-1]), model, processor, batch_size=32, cache_dir=work / "cache"
         )
@@ -842,6 +940,15 @@ def main() -> int:
         model.save_pretrained(output)
         processor.save_pretrained(output)
         print(f"saved {output} with the harmonic synthesizer", flush=True)
+
+    if args.magnitude_steps and model.bicodec.magnitude_refiner is None:
+        # After stage 4, whose prenet the refiner reads; a resumed run (`--first-cycle`) takes this stage too.
+        print("== 4/5 magnitude refiner of the codec (tokens and wave generator unchanged)", flush=True)
+        bicodec = train_magnitude_refiner(model.bicodec, asr_rows, corpus, args.magnitude_steps, args.seed)
+        model = with_codec(model, bicodec)
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        print(f"saved {output} with the magnitude refiner", flush=True)
 
     print("== 5/5 evaluation on held-out text and voices", flush=True)
     results = {}

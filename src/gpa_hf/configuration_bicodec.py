@@ -68,6 +68,12 @@ class BiCodecConfig(PreTrainedConfig):
         harmonic_count: harmonics of a sine synthesiser added to the wave generator's output, at the pitch a head
             predicts from the decoder input (0: none, as published). A small wave generator trained briefly makes
             noisy, barely periodic audio; the synthesiser makes voiced frames periodic from the start.
+        magnitude_n_fft: frame length (Hann window) of a spectral magnitude refiner (0: none, as published). A head
+            predicts each frame's log-magnitude spectrum from the decoder input, and the decoded audio takes that
+            magnitude while keeping its own phase. A small wave generator trained with mel losses renders an
+            averaged spectrum that loses much of the voice; a spectrum regressed directly keeps it.
+        magnitude_hop_length: samples between the refiner's frames (must divide `hop_length`).
+        magnitude_dim / magnitude_num_layers: width and ConvNeXt layers of the refiner's head.
     """
 
     model_type = "bicodec"
@@ -115,6 +121,10 @@ class BiCodecConfig(PreTrainedConfig):
     decoder_kernel_sizes: list[int] | tuple[int, ...] = (16, 11, 8, 4)
     include_semantic_encoder: bool = True
     harmonic_count: int = 0
+    magnitude_n_fft: int = 0
+    magnitude_hop_length: int = 160
+    magnitude_dim: int = 256
+    magnitude_num_layers: int = 6
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -149,6 +159,15 @@ class BiCodecConfig(PreTrainedConfig):
             )
         if self.harmonic_count < 0:
             raise ValueError(f"harmonic_count must be >= 0 (0: no harmonic synthesiser), got {self.harmonic_count}")
+        if self.magnitude_n_fft < 0:
+            raise ValueError(f"magnitude_n_fft must be >= 0 (0: no magnitude refiner), got {self.magnitude_n_fft}")
+        if self.magnitude_n_fft and (
+            self.hop_length % self.magnitude_hop_length or self.magnitude_n_fft % self.magnitude_hop_length
+        ):
+            raise ValueError(
+                f"magnitude_hop_length={self.magnitude_hop_length} must divide hop_length={self.hop_length} and "
+                f"magnitude_n_fft={self.magnitude_n_fft}"
+            )
         if self.ecapa_channels % 8:
             raise ValueError(f"ecapa_channels={self.ecapa_channels} must be divisible by the Res2Net scale 8")
         semantic = self.semantic_model_config

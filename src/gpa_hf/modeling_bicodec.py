@@ -5,7 +5,8 @@ cosine VQ; an ECAPA-TDNN + perceiver resampler + FSQ speaker tokenizer over a li
 speaker-conditioned ConvNeXt prenet and a DAC wave generator. Every sequence op honours a padding mask, so a batch
 of clips gives each clip exactly what it gets alone. Beyond the published layout, an optional harmonic synthesiser
 (`harmonic_count > 0`: a pitch head and sines at that pitch added to the wave generator's output) gives a small,
-briefly trained decoder periodic voiced speech.
+briefly trained decoder periodic voiced speech, and an optional magnitude refiner (`magnitude_n_fft > 0`) gives its
+output a spectral magnitude predicted from the tokens and the voice, which keeps the voice better.
 """
 
 import copy
@@ -729,6 +730,87 @@ class BiCodecHarmonicSynthesizer(nn.Module):
         return (amplitudes * audible * torch.sin(numbers * phase.unsqueeze(1))).sum(1)
 
 
+class BiCodecMagnitudeRefiner(nn.Module):
+    """Gives decoded audio a spectral magnitude predicted from the decoder input, keeping the audio's own phase.
+
+    A head (an upsampling to frame rate and a ConvNeXt stack) predicts each frame's log-magnitude spectrum; the
+    wave generator's audio is analysed into frames (periodic Hann window, centred), each frame takes the predicted
+    magnitude with its own phase, and the frames are overlap-added back. The analysis and the overlap-add are
+    convolutions with a fixed DFT basis: frames past an item's end are left out of the sum and of the window
+    normalisation, so a padded batch gives each item exactly its audio alone, and no FFT runs in a CUDA graph.
+    One pass, no iterations: the phase of the wave generator's harmonics is kept.
+    """
+
+    def __init__(self, config: BiCodecConfig):
+        super().__init__()
+        self.n_fft, self.hop_length = config.magnitude_n_fft, config.magnitude_hop_length
+        self.frames_per_token = config.hop_length // self.hop_length
+        dim = config.magnitude_dim
+        self.upsample = nn.ConvTranspose1d(
+            config.hidden_size, dim, self.frames_per_token, stride=self.frames_per_token
+        )
+        self.backbone = BiCodecVocosBackbone(dim, dim, 3 * dim, config.magnitude_num_layers)
+        self.proj = nn.Linear(dim, self.n_fft // 2 + 1)
+        analysis, synthesis, window_power = self.compute_buffers(config)
+        self.register_buffer("analysis", analysis, persistent=False)
+        self.register_buffer("synthesis", synthesis, persistent=False)
+        self.register_buffer("window_power", window_power, persistent=False)
+
+    @staticmethod
+    def compute_buffers(config: BiCodecConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kernels `(2 * bins, 1, n_fft)` of the windowed DFT (real parts, then imaginary) and of its inverse
+        times the window, and the squared window `(1, 1, n_fft)` that normalises the overlap-add."""
+        n_fft = config.magnitude_n_fft
+        window = torch.hann_window(n_fft, dtype=torch.float64)
+        bins = torch.arange(n_fft // 2 + 1, dtype=torch.float64).unsqueeze(-1)
+        angles = 2 * math.pi * bins * torch.arange(n_fft, dtype=torch.float64) / n_fft
+        analysis = torch.cat([torch.cos(angles), -torch.sin(angles)]) * window
+        # a real signal's inverse DFT counts every bin but DC and Nyquist twice (their conjugates)
+        weights = torch.full_like(bins, 2.0 / n_fft)
+        weights[0] = weights[-1] = 1.0 / n_fft
+        synthesis = torch.cat([weights * torch.cos(angles), -weights * torch.sin(angles)]) * window
+        return analysis.float().unsqueeze(1), synthesis.float().unsqueeze(1), (window**2).float().view(1, 1, -1)
+
+    def log_magnitudes(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder input `(batch, hidden_size, tokens)` -> predicted log magnitudes `(batch, bins, tokens * k + 1)`,
+        one frame per `hop_length` samples and one centred on the end; an item's frames past its end repeat its
+        last, so that it ends as it does alone."""
+        frame_mask = mask.repeat_interleave(self.frames_per_token, dim=-1)
+        hidden_states = self.upsample(hidden_states * mask)
+        predicted = self.proj(self.backbone(hidden_states, frame_mask)).transpose(1, 2).float()
+        frames = predicted.shape[-1]
+        last = (mask_to_lengths(mask) * self.frames_per_token).clamp(min=1) - 1
+        index = torch.minimum(torch.arange(frames + 1, device=last.device).unsqueeze(0), last.unsqueeze(-1))
+        return predicted.gather(-1, index.unsqueeze(1).expand(-1, predicted.shape[1], -1))
+
+    def frames(self, audio: torch.Tensor) -> torch.Tensor:
+        """`(batch, samples)` -> the windowed DFT `(batch, 2 * bins, samples // hop_length + 1)`, zero-padded."""
+        padded = F.pad(audio.float().unsqueeze(1), (self.n_fft // 2, self.n_fft // 2))
+        return F.conv1d(padded, self.analysis.float(), stride=self.hop_length)
+
+    def overlap_add(self, frames: torch.Tensor, frame_mask: torch.Tensor, samples: int) -> torch.Tensor:
+        """Inverse of `frames` over the frames in `frame_mask` `(batch, 1, frames)`: `(batch, samples)`."""
+        crop = slice(self.n_fft // 2, self.n_fft // 2 + samples)
+        summed = F.conv_transpose1d(frames * frame_mask, self.synthesis.float(), stride=self.hop_length)[..., crop]
+        norm = F.conv_transpose1d(frame_mask, self.window_power.float(), stride=self.hop_length)[..., crop]
+        return (summed / norm.clamp(min=1e-6)).squeeze(1)
+
+    def forward(self, audio: torch.Tensor, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The wave generator's `audio` `(batch, tokens * hop)` with the magnitude predicted from its input."""
+        return self.with_magnitudes(audio, self.log_magnitudes(hidden_states, mask), mask)
+
+    def with_magnitudes(self, audio: torch.Tensor, log_magnitudes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`audio` whose frames take the magnitudes `exp(log_magnitudes)` `(batch, bins, frames)` and keep their
+        phase; each item's frames up to its end (`mask` `(batch, 1, tokens)`), and zeros past it."""
+        spectrum = self.frames(audio)
+        real, imaginary = spectrum.chunk(2, dim=1)
+        scale = log_magnitudes.exp() / torch.sqrt(real**2 + imaginary**2).clamp(min=1e-8)
+        last_frame = mask_to_lengths(mask) * self.frames_per_token  # the frame centred on the item's end
+        frame_mask = torch.arange(spectrum.shape[-1], device=mask.device) <= last_frame.unsqueeze(-1)
+        refined = self.overlap_add(spectrum * scale.repeat(1, 2, 1), frame_mask.unsqueeze(1).float(), audio.shape[-1])
+        return refined * mask.repeat_interleave(audio.shape[-1] // mask.shape[-1], dim=-1).squeeze(1)
+
+
 class BiCodecTimeMajorConv1d(nn.Conv1d):
     """`nn.Conv1d` that convolves a time-major input on CPU as it is laid out (same weights, keys and init).
 
@@ -804,6 +886,7 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
         "decoder",
         "pitch_predictor",
         "harmonic_synthesizer",
+        "magnitude_refiner",
     ]
 
     @torch.no_grad()
@@ -842,6 +925,11 @@ class BiCodecPreTrainedModel(PreTrainedAudioTokenizerBase):
             filters, window = module.compute_buffers(self.config)
             init.copy_(module.mel_filters, filters)
             init.copy_(module.window, window)
+        elif isinstance(module, BiCodecMagnitudeRefiner):
+            analysis, synthesis, window_power = module.compute_buffers(self.config)
+            init.copy_(module.analysis, analysis)
+            init.copy_(module.synthesis, synthesis)
+            init.copy_(module.window_power, window_power)
         elif isinstance(module, BiCodecFiniteScalarQuantizer):
             levels, basis = module.compute_buffers(self.config)
             init.copy_(module.levels, levels)
@@ -874,6 +962,7 @@ class BiCodecModel(BiCodecPreTrainedModel):
         self.decoder = BiCodecWaveGenerator(config)
         self.pitch_predictor = BiCodecPitchPredictor(config) if config.harmonic_count else None
         self.harmonic_synthesizer = BiCodecHarmonicSynthesizer(config) if config.harmonic_count else None
+        self.magnitude_refiner = BiCodecMagnitudeRefiner(config) if config.magnitude_n_fft else None
         self.post_init()
 
     @property
@@ -1036,9 +1125,16 @@ class BiCodecModel(BiCodecPreTrainedModel):
             harmonics = self.harmonic_synthesizer(hidden_states, mask, pitch.frequencies, pitch.voiced, initial_phase)
         # Without padding, the wave generator's masking is a multiplication by ones at every layer: skipped. Checking
         # reads the mask on the host, which a CUDA graph being captured cannot, so only CPU batches are checked.
-        if mask.device.type == "cpu" and bool(mask.all()):
-            mask = None
-        return self.decoder(hidden_states, mask, harmonics)
+        unpadded = mask.device.type == "cpu" and bool(mask.all())
+        audio = self.decoder(hidden_states, None if unpadded else mask, harmonics)
+        if self.magnitude_refiner is not None:
+            audio = self.refine_magnitudes(audio, hidden_states, mask)
+        return audio
+
+    @without_tf32
+    def refine_magnitudes(self, audio: torch.Tensor, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`audio` with the magnitude refiner's spectrum, in float32 (TF32 would round the DFT's sums)."""
+        return self.magnitude_refiner(audio, hidden_states, mask).to(audio.dtype)
 
     def forward(
         self,

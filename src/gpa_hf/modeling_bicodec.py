@@ -772,9 +772,9 @@ class BiCodecMagnitudeRefiner(nn.Module):
         return analysis.float().unsqueeze(1), synthesis.float().unsqueeze(1), (window**2).float().view(1, 1, -1)
 
     def log_magnitudes(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decoder input `(batch, hidden_size, tokens)` -> predicted log magnitudes `(batch, bins, tokens * k + 1)`,
-        one frame per `hop_length` samples and one centred on the end; an item's frames past its end repeat its
-        last, so that it ends as it does alone."""
+        """Decoder input `(batch, hidden_size, tokens)` -> predicted log magnitudes `(batch, bins, frames + 1)`: a
+        frame every `hop_length` samples (`frames_per_token` a token) and one centred on the end; an item's frames
+        past its end repeat its last, so that it ends as it does alone."""
         frame_mask = mask.repeat_interleave(self.frames_per_token, dim=-1)
         hidden_states = self.upsample(hidden_states * mask)
         predicted = self.proj(self.backbone(hidden_states, frame_mask)).transpose(1, 2).float()

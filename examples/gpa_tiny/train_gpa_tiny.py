@@ -2,7 +2,7 @@
 
     python examples/gpa_tiny/train_gpa_tiny.py --work-dir gpa_tiny_work --output-dir gpa-tiny
 
-Stages (each prints its progress; the whole recipe takes 105-125 minutes on 2 cores):
+Stages (each prints its progress; the whole recipe takes 100-120 minutes on 2 cores):
 1. corpus: espeak-ng digit strings from many voices (`corpus.py`), with held-out text and held-out voices;
 2. audio tokenizers, trained together on the corpus:
    - BiCodec at small size, its wav2vec2-style semantic encoder included, trained from scratch to reconstruct the
@@ -628,7 +628,8 @@ def train_magnitude_refiner(
         mask = lengths_to_mask(torch.tensor(sizes), crop_tokens)
         with torch.no_grad():
             conditioned = refining.decoder_inputs(semantic, torch.stack([global_codes[i] for i in batch]), mask)
-        predicted = refiner.log_magnitudes(conditioned, mask)[..., :span]
+        with torch.autocast(conditioned.device.type, dtype=torch.bfloat16):  # on AMX cores, steps 0.22 s, not 0.39
+            predicted = refiner.log_magnitudes(conditioned, mask)[..., :span]
         valid = mask.repeat_interleave(frames_per_token, dim=-1)
         loss = ((predicted - target).abs() * valid).sum() / (valid.sum() * predicted.shape[1])
         optimizer.zero_grad(set_to_none=True)

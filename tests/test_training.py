@@ -625,7 +625,7 @@ def test_gpa_tiny_recipe_adds_a_harmonic_synthesizer_without_changing_a_token(gp
 
 def test_gpa_tiny_recipe_adds_a_magnitude_refiner_and_changes_nothing_else(gpa_tiny_recipe, capsys):
     """The magnitude refiner's stage on gpa-tiny's codec without its refiner: every other weight stays, so tokens,
-    wave generator and LM stay valid, and the refined decode keeps the wave generator's length and phase."""
+    wave generator and LM stay valid, and the refined decode is as long as the wave generator's and differs from it."""
     from gpa_hf import DEFAULT_MODEL, BiCodecModel, GpaForConditionalGeneration, GpaProcessor
 
     model = GpaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()

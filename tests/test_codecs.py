@@ -266,18 +266,24 @@ def test_bfloat16_cast_keeps_narrow_convolutions_float32_on_cpu():
 
 
 # ---- the optional harmonic synthesiser ----------------------------------------------------------------------
-def codec_with_harmonics(bicodec, harmonic_count: int = 4):
-    """The fixture codec plus a harmonic synthesiser (its new modules at their initial weights)."""
+def codec_with_new_modules(bicodec, new_modules: tuple[str, ...], **config_changes):
+    """The fixture codec with `config_changes`, which add `new_modules` (at their initial weights, seed 0)."""
     from gpa_hf import BiCodecModel
 
     config = copy.deepcopy(bicodec[0].config)
-    config.harmonic_count = harmonic_count
+    for name, value in config_changes.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     codec = BiCodecModel(config).eval()
     missing, unexpected = codec.load_state_dict(bicodec[0].state_dict(), strict=False)
     assert not unexpected and missing
-    assert all(key.startswith(("pitch_predictor.", "harmonic_synthesizer.")) for key in missing)
+    assert all(key.startswith(tuple(f"{name}." for name in new_modules)) for key in missing)
     return codec
+
+
+def codec_with_harmonics(bicodec, harmonic_count: int = 4):
+    """The fixture codec plus a harmonic synthesiser."""
+    return codec_with_new_modules(bicodec, ("pitch_predictor", "harmonic_synthesizer"), harmonic_count=harmonic_count)
 
 
 def play(codec, hertz: float, voiced: bool, amplitudes: list[float]):
@@ -456,16 +462,9 @@ def test_harmonic_settings_are_checked(bicodec, expected):
 
 # ---- the optional magnitude refiner ---------------------------------------------------------------------------
 def codec_with_magnitude_refiner(bicodec):
-    """The fixture codec plus a small magnitude refiner (its new modules at their initial weights)."""
-    from gpa_hf import BiCodecModel
-
-    config = copy.deepcopy(bicodec[0].config)
-    config.magnitude_n_fft, config.magnitude_dim, config.magnitude_num_layers = 640, 32, 1
-    torch.manual_seed(0)
-    codec = BiCodecModel(config).eval()
-    missing, unexpected = codec.load_state_dict(bicodec[0].state_dict(), strict=False)
-    assert not unexpected and missing and all(key.startswith("magnitude_refiner.") for key in missing)
-    return codec
+    """The fixture codec plus a small magnitude refiner."""
+    changes = {"magnitude_n_fft": 640, "magnitude_dim": 32, "magnitude_num_layers": 1}
+    return codec_with_new_modules(bicodec, ("magnitude_refiner",), **changes)
 
 
 def test_magnitude_refiner_frames_are_the_stft_and_add_back_to_the_audio(bicodec, expected):
@@ -482,8 +481,7 @@ def test_magnitude_refiner_sets_the_magnitudes_and_keeps_the_phase(bicodec, expe
     refiner = codec_with_magnitude_refiner(bicodec).magnitude_refiner
     audio = expected["000.decoded_wav"][None]
     mask = torch.ones(1, 1, audio.shape[-1] // 320)
-    real, imaginary = refiner.frames(audio).chunk(2, dim=1)
-    own = torch.sqrt(real**2 + imaginary**2).clamp(min=1e-8).log()
+    own = refiner.magnitudes(refiner.frames(audio)).clamp(min=1e-8).log()
     torch.testing.assert_close(refiner.with_magnitudes(audio, own, mask), audio, atol=1e-4, rtol=0)
     halved = refiner.with_magnitudes(audio, own + np.log(0.5), mask)
     torch.testing.assert_close(halved, audio / 2, atol=1e-4, rtol=0)

@@ -608,8 +608,8 @@ def train_magnitude_refiner(
                 tokens = int(encoded.semantic_lengths[row])
                 waveform = torch.from_numpy(features.prepare_waveform(clip, 16000)[: tokens * hop]).float()
                 waveform = F.pad(waveform, (0, tokens * hop - waveform.shape[-1]))
-                real, imaginary = refiner.frames(waveform.unsqueeze(0))[0].chunk(2)
-                targets.append(torch.sqrt(real**2 + imaginary**2).clamp(min=1e-5).log().half())
+                magnitudes = refiner.magnitudes(refiner.frames(waveform.unsqueeze(0)))[0]
+                targets.append(magnitudes.clamp(min=1e-5).log().half())
                 codes.append(encoded.semantic_codes[row, :tokens].clone())
                 global_codes.append(voices[row].clone())
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=learning_rate)

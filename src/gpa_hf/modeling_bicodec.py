@@ -788,6 +788,12 @@ class BiCodecMagnitudeRefiner(nn.Module):
         padded = F.pad(audio.float().unsqueeze(1), (self.n_fft // 2, self.n_fft // 2))
         return F.conv1d(padded, self.analysis.float(), stride=self.hop_length)
 
+    @staticmethod
+    def magnitudes(frames: torch.Tensor) -> torch.Tensor:
+        """`frames` `(batch, 2 * bins, frames)` -> their magnitudes `(batch, bins, frames)`."""
+        real, imaginary = frames.chunk(2, dim=1)
+        return torch.sqrt(real**2 + imaginary**2)
+
     def overlap_add(self, frames: torch.Tensor, frame_mask: torch.Tensor, samples: int) -> torch.Tensor:
         """Inverse of `frames` over the frames in `frame_mask` `(batch, 1, frames)`: `(batch, samples)`."""
         crop = slice(self.n_fft // 2, self.n_fft // 2 + samples)
@@ -803,8 +809,7 @@ class BiCodecMagnitudeRefiner(nn.Module):
         """`audio` whose frames take the magnitudes `exp(log_magnitudes)` `(batch, bins, frames)` and keep their
         phase; each item's frames up to its end (`mask` `(batch, 1, tokens)`), and zeros past it."""
         spectrum = self.frames(audio)
-        real, imaginary = spectrum.chunk(2, dim=1)
-        scale = log_magnitudes.exp() / torch.sqrt(real**2 + imaginary**2).clamp(min=1e-8)
+        scale = log_magnitudes.exp() / self.magnitudes(spectrum).clamp(min=1e-8)
         last_frame = mask_to_lengths(mask) * self.frames_per_token  # the frame centred on the item's end
         frame_mask = torch.arange(spectrum.shape[-1], device=mask.device) <= last_frame.unsqueeze(-1)
         refined = self.overlap_add(spectrum * scale.repeat(1, 2, 1), frame_mask.unsqueeze(1).float(), audio.shape[-1])

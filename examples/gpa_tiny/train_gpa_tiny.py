@@ -646,6 +646,13 @@ def train_magnitude_refiner(
     return refining.requires_grad_(False).eval()
 
 
+def save_checkpoint(model: GpaForConditionalGeneration, processor: GpaProcessor, output: Path, after: str) -> None:
+    """Write the model and its processor to `output` (each stage's result: a stopped run keeps the last)."""
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    print(f"saved {output} {after}", flush=True)
+
+
 def with_codec(model: GpaForConditionalGeneration, bicodec: BiCodecModel) -> GpaForConditionalGeneration:
     """`model` with `bicodec` in place of its codec (a codec whose config differs: new modules)."""
     config = copy.deepcopy(model.config)
@@ -926,9 +933,7 @@ def main() -> int:
         processor.default_voice = voice_from_audio(
             model, processor, corpus / json.loads(files["heldout_tts"].read_text().splitlines()[0])["ref_audio"]
         )
-        model.save_pretrained(output)
-        processor.save_pretrained(output)
-        print(f"saved {output} after cycle {cycle}", flush=True)
+        save_checkpoint(model, processor, output, f"after cycle {cycle}")
 
     if args.harmonic_steps and model.bicodec.harmonic_synthesizer is None:
         # After the LM (which reads tokens only, so it is the same either way): the codec the LM was trained with
@@ -938,18 +943,14 @@ def main() -> int:
             model.bicodec, asr_rows, corpus, args.harmonic_steps, args.codec_batch_size, args.seed
         )
         model = with_codec(model, bicodec)
-        model.save_pretrained(output)
-        processor.save_pretrained(output)
-        print(f"saved {output} with the harmonic synthesizer", flush=True)
+        save_checkpoint(model, processor, output, "with the harmonic synthesizer")
 
     if args.magnitude_steps and model.bicodec.magnitude_refiner is None:
         # After stage 4, whose prenet the refiner reads; a resumed run (`--first-cycle`) takes this stage too.
         print("== 4/5 magnitude refiner of the codec (tokens and wave generator unchanged)", flush=True)
         bicodec = train_magnitude_refiner(model.bicodec, asr_rows, corpus, args.magnitude_steps, args.seed)
         model = with_codec(model, bicodec)
-        model.save_pretrained(output)
-        processor.save_pretrained(output)
-        print(f"saved {output} with the magnitude refiner", flush=True)
+        save_checkpoint(model, processor, output, "with the magnitude refiner")
 
     print("== 5/5 evaluation on held-out text and voices", flush=True)
     results = {}

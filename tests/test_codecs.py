@@ -94,9 +94,19 @@ def test_bicodec_batched_decode_equals_reference(bicodec, expected):
 
 
 def test_wave_generator_inference_forms_equal_dac_modules_and_train(bicodec, expected):
-    """Without autograd the wave generator computes Snake and residuals in place and skips all-ones masks: the
-    audio is bit-identical to DAC's out-of-place modules (which run under autograd), and gradients still flow."""
+    """Without autograd the wave generator computes Snake and residuals in place (bit-identical to DAC's
+    out-of-place modules), skips all-ones masks and runs its tail time-major: the audio is the autograd path's (DAC's
+    modules, channel-major) to float rounding, and gradients still flow."""
+    from transformers.models.dac.modeling_dac import Snake1d
+
     model, _ = bicodec
+    snake = model.decoder.blocks[1].res_units[0].snake1
+    dac_snake = Snake1d(snake.alpha.shape[1])
+    dac_snake.load_state_dict(snake.state_dict())
+    activations = torch.randn(2, snake.alpha.shape[1], 50)
+    with torch.no_grad():
+        assert torch.equal(snake(activations), dac_snake(activations))
+        assert torch.equal(snake(activations.transpose(1, 2).contiguous().transpose(1, 2)), dac_snake(activations))
     codes = expected[f"{CLIPS[0]}.semantic_tokens"][None]
     global_codes = expected[f"{CLIPS[0]}.global_tokens"]
     mask = torch.ones(1, 1, codes.shape[1])
@@ -107,7 +117,7 @@ def test_wave_generator_inference_forms_equal_dac_modules_and_train(bicodec, exp
     try:
         out_of_place = model.decoder(inputs, mask)
         assert out_of_place.requires_grad
-        assert torch.equal(in_place, out_of_place.detach())
+        torch.testing.assert_close(in_place, out_of_place.detach(), atol=1e-5, rtol=0)
         out_of_place.square().sum().backward()
         snakes = [module for module in model.decoder.modules() if hasattr(module, "alpha")]
         assert snakes and all(snake.alpha.grad is not None and snake.alpha.grad.abs().sum() > 0 for snake in snakes)
@@ -388,9 +398,15 @@ def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expe
     codes = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
     voices = torch.cat([expected[f"{c}.global_tokens"] for c in [*CLIPS, CLIPS[1]]])
     mask = (torch.arange(codes.shape[1]) < lengths[:, None]).float()[:, None]
-    tail_lengths = []
+    tail_lengths, tail_layouts = [], []
     tail = codec.decoder.tail
-    codec.decoder.tail = lambda states, *args: tail_lengths.append(states.shape[-1]) or tail(states, *args)
+
+    def recording_tail(states, *args):
+        tail_lengths.append(states.shape[-1])
+        tail_layouts.append(states.stride(1) == 1)  # time-major
+        return tail(states, *args)
+
+    codec.decoder.tail = recording_tail
     with torch.no_grad():
         inputs = codec.decoder_inputs(codes, voices, mask)
         pitch = codec.pitch_of_decoder_inputs(inputs, mask)
@@ -398,10 +414,10 @@ def test_tiled_wave_generator_equals_whole_clips_and_skips_padding(bicodec, expe
         tiled = codec.decoder(inputs, mask, harmonics)
     stride = codec.config.upsampling_rates[0]
     steps = [-(-int(length) // tile_frames) for length in lengths]  # tiles per clip, rounded up
-    assert len(tail_lengths) == sum(steps)
+    assert len(tail_lengths) == sum(steps) and all(tail_layouts)
     assert max(tail_lengths) <= tile_frames * stride + 2 * codec.decoder.tail_reach()
     whole = codec.decoder(inputs, mask, harmonics)  # autograd records: one call over the whole padded batch
-    assert whole.requires_grad and len(tail_lengths) == sum(steps) + 1
+    assert whole.requires_grad and len(tail_lengths) == sum(steps) + 1 and not tail_layouts[-1]
     torch.testing.assert_close(tiled, whole.detach(), atol=1e-5, rtol=0)
     for index, length in enumerate(lengths * codec.config.hop_length):
         assert not tiled[index, length:].any()
@@ -547,17 +563,19 @@ def test_fresh_codec_starts_its_speaker_conditioned_norms_as_layer_norms(bicodec
         assert not norm.shift.weight.any() and not norm.shift.bias.any()
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), [(3, 2, 0, 1), (10, 5, 2, 2)])
-def test_time_major_convolution_equals_conv1d_and_keeps_the_layout(kernel, stride, padding, dilation):
-    """`BiCodecTimeMajorConv1d` (the semantic model's plain convolutions) gives `nn.Conv1d`'s output and gradients
-    for time-major and channel-major inputs, and keeps a time-major input's layout: the next layer norm copies
-    nothing."""
-    from gpa_hf.modeling_bicodec import BiCodecTimeMajorConv1d
+def test_time_major_convolutions_equal_the_plain_ones(transposed, kernel, stride, padding, dilation):
+    """`BiCodecTimeMajorConv1d` (the semantic model's plain convolutions, the wave generator's) and
+    `BiCodecTimeMajorConvTranspose1d` give their `torch.nn` parents' outputs and gradients for time-major and
+    channel-major inputs, and keep a time-major input's layout: the next layer copies nothing."""
+    from gpa_hf.modeling_bicodec import BiCodecTimeMajorConv1d, BiCodecTimeMajorConvTranspose1d
 
     torch.manual_seed(0)
-    plain = torch.nn.Conv1d(24, 16, kernel, stride=stride, padding=padding, dilation=dilation)
+    parent = torch.nn.ConvTranspose1d if transposed else torch.nn.Conv1d
+    plain = parent(24, 16, kernel, stride=stride, padding=padding, dilation=dilation)
     time_major = copy.deepcopy(plain)
-    time_major.__class__ = BiCodecTimeMajorConv1d
+    time_major.__class__ = BiCodecTimeMajorConvTranspose1d if transposed else BiCodecTimeMajorConv1d
     for inputs in (torch.randn(2, 300, 24).transpose(1, 2), torch.randn(2, 24, 300)):
         inputs.requires_grad_(True)
         expected, output = plain(inputs), time_major(inputs)
@@ -567,6 +585,23 @@ def test_time_major_convolution_equals_conv1d_and_keeps_the_layout(kernel, strid
         expected_grads = torch.autograd.grad(expected.square().sum(), (inputs, plain.weight))
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_unit_initialises_as_dacs():
+    """BiCodec's residual unit builds DAC's layers once, in DAC's order: the same weights from the same seed, and the
+    same random numbers left after it (the gpa-tiny recipe's codec initialisation depends on both)."""
+    from transformers.models.dac.modeling_dac import DacResidualUnit
+
+    from gpa_hf.modeling_bicodec import BiCodecResidualUnit
+
+    torch.manual_seed(0)
+    ours, after_ours = BiCodecResidualUnit(8, 3), torch.rand(4)
+    torch.manual_seed(0)
+    dacs, after_dacs = DacResidualUnit(8, 3), torch.rand(4)
+    assert ours.state_dict().keys() == dacs.state_dict().keys()
+    assert all(torch.equal(value, dacs.state_dict()[key]) for key, value in ours.state_dict().items())
+    assert torch.equal(after_ours, after_dacs)
+    assert ours.conv1.dilation == dacs.conv1.dilation and ours.conv1.padding == dacs.conv1.padding
 
 
 def test_semantic_model_convolves_its_feature_encoder_time_major(bicodec):

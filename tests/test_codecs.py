@@ -99,6 +99,8 @@ def test_wave_generator_inference_forms_equal_dac_modules_and_train(bicodec, exp
     modules, channel-major) to float rounding, and gradients still flow."""
     from transformers.models.dac.modeling_dac import Snake1d
 
+    from gpa_hf.modeling_bicodec import time_major
+
     model, _ = bicodec
     snake = model.decoder.blocks[1].res_units[0].snake1
     dac_snake = Snake1d(snake.alpha.shape[1])
@@ -106,7 +108,7 @@ def test_wave_generator_inference_forms_equal_dac_modules_and_train(bicodec, exp
     activations = torch.randn(2, snake.alpha.shape[1], 50)
     with torch.no_grad():
         assert torch.equal(snake(activations), dac_snake(activations))
-        assert torch.equal(snake(activations.transpose(1, 2).contiguous().transpose(1, 2)), dac_snake(activations))
+        assert torch.equal(snake(time_major(activations)), dac_snake(activations))
     codes = expected[f"{CLIPS[0]}.semantic_tokens"][None]
     global_codes = expected[f"{CLIPS[0]}.global_tokens"]
     mask = torch.ones(1, 1, codes.shape[1])

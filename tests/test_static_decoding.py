@@ -29,7 +29,7 @@ from gpa_hf.generation_gpa import (
     allowed_token_mask,
     gumbel_max_sample,
 )
-from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaInt8OutputLayer, one_query_attention
+from gpa_hf.modeling_gpa import INT8_QCONFIG, GpaInt8OutputLayer
 
 HELDOUT = FIXTURES / "gpa_tiny_heldout"
 
@@ -254,18 +254,6 @@ def test_traceable_int8_layer_compiles_to_onednn_int8_products():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     for result in (compiled, quantized(inputs)):
         assert (result - expected).norm() / expected.norm() < 0.02
-
-
-def test_one_query_attention_equals_attention_over_repeated_keys():
-    torch.manual_seed(0)
-    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
-    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
-    mask[1, ..., :7] = False  # a left-padded row
-    repeated = [states.repeat_interleave(4, dim=1) for states in (key, value)]
-    for attention_mask in (None, mask):
-        expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=attention_mask)
-        result = one_query_attention(query, key, value, attention_mask, 16**-0.5)
-        torch.testing.assert_close(result, expected.transpose(1, 2).reshape(3, 1, 128))
 
 
 def test_a_voice_of_the_wrong_size_is_named(tiny):

@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_gpa import GpaVocabularyLayout
+from .cpu_kernels import load_cpu_kernels
 
 # Saved into generation_config.json as `task_defaults`; whatever the caller passes to `generate` wins.
 TASK_GENERATION_DEFAULTS: dict[str, dict] = {
@@ -414,6 +415,7 @@ class GpaCompiledCpuStep:
         modules = tuple(map(id, self.lm.modules()))
         if modules != self.modules:
             self.modules = modules
+            load_cpu_kernels()  # the steps' attention (`one_query_attention`)
             traceable = with_traceable_int8(self.lm)
             self.freeze = traceable is not self.lm
             # inductor's oneDNN int8 lowering copies its zero points with torch.tensor(tensor): harmless, and noisy

@@ -27,6 +27,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from transformers.utils import ModelOutput
 
 from .configuration_gpa import GpaConfig
+from .cpu_kernels import one_query_attention_supported
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     CACHE_ARGUMENT,
@@ -211,17 +212,22 @@ def fuse_linear_layers(module: torch.nn.Module, fused_name: str, names: tuple[st
 def one_query_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """SDPA for one query per sequence `(batch, heads, 1, dim)`, its heads grouped by key-value head: `(batch, 1,
-    heads * dim)`.
+    """Attention for one query per sequence `(batch, heads, 1, dim)`, its heads grouped by key-value head: `(batch,
+    1, heads * dim)`.
 
     Each key-value head's queries attend as a short sequence, so keys and values are neither repeated nor run through
     SDPA's `enable_gqa`. transformers groups them so eagerly, but not under `torch.compile`, where it repeats the
     keys and values (masked) or uses `enable_gqa` (unmasked): 2 CPU cores, batch 8, 290 cached positions, 28
-    layers: 130 ms and 62 ms against 56 ms grouped. `mask`, if any, is shared by the heads: `(batch, 1, 1, positions)`.
+    layers: 130 ms and 62 ms against 56 ms grouped. Where gpa-hf's CPU kernel is loaded (compiled CPU steps), it
+    attends instead of SDPA: it reads each cached row once, at memory speed (see `cpu_kernels`). `mask`, if any, is
+    shared by the heads: `(batch, 1, 1, positions)`.
     """
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    if one_query_attention_supported(grouped, key, mask):
+        output = torch.ops.gpa_hf.one_query_attention(grouped.float(), key, value, mask, scaling).to(query.dtype)
+    else:
+        output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return output.reshape(batch, 1, heads * dim)
 
 

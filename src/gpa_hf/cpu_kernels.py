@@ -1,0 +1,59 @@
+"""gpa-hf's C++ CPU kernels, built on first use with the machine's C++ compiler (as `torch.compile` builds its own).
+
+`gpa_hf::one_query_attention` (`csrc/one_query_attention.cpp`): a decoding step's attention over the KV cache at
+memory speed, from float32 or bfloat16 caches. Compiled CPU steps ([`GpaCompiledCpuStep`]) load and call it;
+everything else keeps SDPA. torch caches the build (`TORCH_EXTENSIONS_DIR`, by default under
+`~/.cache/torch_extensions`), so only a machine's first use compiles it (10-30 s).
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / "one_query_attention.cpp"]
+ONE_QUERY_GROUPS = (1, 2, 4, 8)  # queries per key-value head the kernel is built for
+ONE_QUERY_MAX_HEAD_SIZE = 512
+
+_built: bool | None = None  # None: not tried yet
+
+
+def load_cpu_kernels() -> bool:
+    """Build (once per machine) and load the kernels; False, with a warning that says why, where that fails."""
+    global _built
+    if _built is None:
+        from torch.utils import cpp_extension
+
+        flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+        try:
+            cpp_extension.load(
+                "gpa_hf_cpu_kernels", [str(path) for path in SOURCES], extra_cflags=flags, is_python_module=False
+            )
+        except (OSError, RuntimeError, ImportError) as error:
+            message = f"gpa-hf's CPU kernels could not be built, compiled steps attend with SDPA: {error}"
+            warnings.warn(message, stacklevel=2)
+            _built = False
+        else:
+            torch.library.register_fake("gpa_hf::one_query_attention")(one_query_attention_shape)
+            _built = True
+    return _built
+
+
+def one_query_attention_shape(query, key, value, mask, scale) -> torch.Tensor:
+    """The kernel's output for tracing: shape and dtype only."""
+    return query.new_empty(query.shape)
+
+
+def one_query_attention_supported(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the loaded kernel takes these grouped queries `(batch, kv_heads, groups, dim)`, keys and mask."""
+    return bool(
+        _built
+        and query.device.type == "cpu"
+        and query.shape[2] in ONE_QUERY_GROUPS
+        and query.shape[3] <= ONE_QUERY_MAX_HEAD_SIZE
+        and key.dtype in (torch.float32, torch.bfloat16)
+        and (mask is None or mask.dtype == torch.bool)
+    )

@@ -1,0 +1,82 @@
+"""gpa-hf's C++ CPU kernel for a decoding step's attention (`gpa_hf::one_query_attention`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import gpa_hf
+from gpa_hf import GpaForConditionalGeneration, GpaProcessor, cpu_kernels
+from gpa_hf.modeling_gpa import one_query_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert cpu_kernels.load_cpu_kernels(), "the kernel must build where tests run (a C++ compiler is installed)"
+    return torch.ops.gpa_hf.one_query_attention
+
+
+def cache_slices(batch, heads, length, dim, dtype, generator):
+    """Keys and values as a compiled step reads them: the first `length` positions of longer buffers."""
+    buffers = [torch.randn(batch, heads, length + 9, dim, generator=generator).to(dtype) for _ in range(2)]
+    return [buffer[:, :, :length] for buffer in buffers]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("groups", "dim"), [(1, 48), (2, 48), (2, 128), (4, 64), (8, 128), (2, 96)])
+def test_kernel_equals_sdpa(kernel, dtype, groups, dim):
+    """Same attention as SDPA over the same (bfloat16: upcast) keys and values, with and without a padding mask,
+    for the head sizes with a fixed-size path (64, 128) and others."""
+    generator = torch.Generator().manual_seed(groups * dim)
+    query = torch.randn(3, 2, groups, dim, generator=generator)
+    key, value = cache_slices(3, 2, 37, dim, dtype, generator)
+    valid = torch.rand(3, 50, generator=generator) > 0.3
+    valid[:, 36] = True  # the step's own token
+    for mask in (None, valid[:, None, None, :37]):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, key.float(), value.float(), attn_mask=mask, scale=0.3
+        )
+        torch.testing.assert_close(kernel(query, key, value, mask, 0.3), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_names_what_it_cannot_take(kernel):
+    query, key = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="float32 queries expected, got BFloat16"):
+        kernel(query.bfloat16(), key, key, None, 1.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 keys and values expected, got Half"):
+        kernel(query, key.half(), key.half(), None, 1.0)
+    with pytest.raises(RuntimeError, match="1, 2, 4 or 8 queries per key-value head, got 3"):
+        kernel(torch.randn(2, 2, 3, 16), key, key, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"a bool mask \(batch, 1, 1, positions\) expected, got Float"):
+        kernel(query, key, key, torch.zeros(2, 1, 1, 5), 1.0)
+    with pytest.raises(RuntimeError, match="do not match keys"):
+        kernel(query, torch.randn(2, 2, 5, 32), torch.randn(2, 2, 5, 32), None, 1.0)
+
+
+@pytest.mark.parametrize("with_kernel", [True, False])
+def test_one_query_attention_equals_attention_over_repeated_keys(kernel, monkeypatch, with_kernel):
+    """Grouped-query attention of one token, by the kernel or (where it is not loaded) by SDPA over grouped queries."""
+    monkeypatch.setattr(cpu_kernels, "_built", with_kernel)
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., :7] = False  # a left-padded row
+    repeated = [states.repeat_interleave(4, dim=1) for states in (key, value)]
+    for attention_mask in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=attention_mask)
+        result = one_query_attention(query, key, value, attention_mask, 16**-0.5)
+        torch.testing.assert_close(result, expected.transpose(1, 2).reshape(3, 1, 128))
+
+
+def test_compiled_cpu_steps_attend_with_the_kernel(kernel):
+    """gpa-tiny's compiled CPU step (projections fused, as the CLI and `quantize_lm_dynamic_int8` make it) calls the
+    kernel, from inductor's C++ wrapper, and gives the tokens of the eager loop, whose attention is SDPA's."""
+    torch.compiler.reset()
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().fuse_projections()
+    inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task="tts", text=["two two eight five", "nine"])
+    expected = model.generate(**inputs, task="tts", do_sample=False, static_decoding=True)
+    options = {"task": "tts", "do_sample": False, "static_decoding": True, "compile_decoding": True}
+    result, code = run_and_get_code(lambda: model.generate(**inputs, **options))
+    assert any("gpa_hf::one_query_attention" in source or "gpa_hf.one_query_attention" in source for source in code)
+    assert torch.equal(result, expected)

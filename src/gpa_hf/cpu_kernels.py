@@ -8,7 +8,9 @@ everything else keeps SDPA. torch caches the build (`TORCH_EXTENSIONS_DIR`, by d
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,10 @@ def load_cpu_kernels() -> bool:
 
         flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
         try:
+            if shutil.which("ninja") is None:  # torch builds with ninja: the `ninja` package's, where none is on PATH
+                import ninja
+
+                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
             cpp_extension.load(
                 "gpa_hf_cpu_kernels", [str(path) for path in SOURCES], extra_cflags=flags, is_python_module=False
             )

@@ -54,6 +54,26 @@ def test_kernel_names_what_it_cannot_take(kernel):
         kernel(query, torch.randn(2, 2, 5, 32), torch.randn(2, 2, 5, 32), None, 1.0)
 
 
+def test_a_kernel_that_cannot_be_built_is_named_and_sdpa_attends(monkeypatch):
+    """Without a working C++ toolchain the build fails once, with a warning that says why, and steps keep SDPA."""
+    from torch.utils import cpp_extension
+
+    attempts = []
+
+    def no_compiler(*args, **kwargs):
+        attempts.append(args)
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(cpu_kernels, "_built", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built, compiled steps attend with SDPA: Error building"):
+        assert not cpu_kernels.load_cpu_kernels()
+    assert not cpu_kernels.load_cpu_kernels()
+    assert len(attempts) == 1  # tried once per process
+    query, key = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 5, 16)
+    assert not cpu_kernels.one_query_attention_supported(query, key, None)
+
+
 @pytest.mark.parametrize("with_kernel", [True, False])
 def test_one_query_attention_equals_attention_over_repeated_keys(kernel, monkeypatch, with_kernel):
     """Grouped-query attention of one token, by the kernel or (where it is not loaded) by SDPA over grouped queries."""

@@ -250,11 +250,17 @@ def test_int8_fused_layers_quantize_as_their_parts(converted):
         parts.fuse_projections()
 
 
-def test_half_precision_load_keeps_codecs_float32(converted):
+def test_half_precision_load_gives_a_half_precision_lm_and_float32_codecs(converted):
     model = GpaForConditionalGeneration.from_pretrained(converted, dtype=torch.bfloat16)
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    lm = {name: parameter.dtype for name, parameter in model.named_parameters() if name.startswith(("model.", "lm_"))}
+    assert "model.layers.0.self_attn.q_proj.weight" in lm and set(lm.values()) == {torch.bfloat16}
     assert {p.dtype for p in model.bicodec.parameters()} == {torch.float32}
     assert {p.dtype for p in model.speech_tokenizer.parameters()} == {torch.float32}
+    inputs = GpaProcessor.from_pretrained(converted)(task="tts", text=["Hi", "Hello there"])
+    options = {"task": "tts", "do_sample": False, "max_new_tokens": 6, "output_audio": True}
+    for static_decoding in (False, True):  # the static loop's output rows are read in the LM's dtype
+        output = model.generate(**inputs, static_decoding=static_decoding, **options)
+        assert [audio.dtype for audio in output.audio] == [torch.float32] * 2
 
 
 def test_tts_only_loading_skips_audio_encoders(converted):

@@ -323,6 +323,9 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         if "asr" not in config.tasks:
             self._keys_to_ignore_on_load_unexpected = [r"^speech_tokenizer\."]
         self.post_init()
+        # post_init adds the audio tokenizers' own lists, whose names ("layers", "encoder"...) would match the LM's
+        # parameters too (`model.layers.*`) and keep the whole LM float32: the tokenizers as a whole are what stays.
+        self._keep_in_fp32_modules_strict = set(type(self)._keep_in_fp32_modules_strict)
         self.static_decoders = GpaStaticDecoderCache()
         self.codec_graphs = GpaCudaGraphs(self.bicodec.decode_without_checks)
         if not config.needs_audio_encoders:

@@ -2,8 +2,9 @@
 
 `gpa_hf::one_query_attention` (`csrc/one_query_attention.cpp`): a decoding step's attention over the KV cache at
 memory speed, from float32 or bfloat16 caches. Compiled CPU steps ([`GpaCompiledCpuStep`]) load and call it;
-everything else keeps SDPA. torch caches the build (`TORCH_EXTENSIONS_DIR`, by default under
-`~/.cache/torch_extensions`), so only a machine's first use compiles it (10-30 s).
+everything else keeps SDPA. The build is for the machine's own CPU (`-march=native` on x86), and torch caches it
+(`TORCH_EXTENSIONS_DIR`, by default under `~/.cache/torch_extensions`), so only a machine's first use compiles it
+(10-30 s); machines of other CPUs sharing a home directory should each set their own `TORCH_EXTENSIONS_DIR`.
 """
 
 from __future__ import annotations

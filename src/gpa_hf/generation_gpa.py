@@ -395,10 +395,10 @@ class GpaCompiledCpuStep:
     its products. Compiled, a step is one graph: each layer becomes its four products, the attention (gpa-hf's
     kernel, `gpa_hf.cpu_kernels`, built by the first `refresh`) and a few fused C++ kernels, called from C++
     (inductor's `cpp_wrapper`; the usual Python wrapper spent 17 ms of a 47 ms published-size int8 step calling them;
-    100 tokens 3.2 s against 4.7-6.1 s, 2 cores). The prompts' pass is a
-    second graph, the prompt's length symbolic, so that one serves every prompt (published size, int8, 2 cores: a
-    254-token ASR prompt's pass and first token 0.29 s, against 0.43 s eagerly), with the Python wrapper: it runs
-    once a request, and the C++ one took another minute to compile.
+    100 tokens 3.2 s against 4.7-6.1 s, 2 cores). The prompts' pass is a second graph, the prompt's length symbolic,
+    so that one serves every prompt (published size, int8, 2 cores: a 254-token ASR prompt's pass and first token
+    0.29 s, against 0.43 s eagerly), with the Python wrapper: it runs once a request, and the C++ one took another
+    minute to compile.
     An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled code: that is
     what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is for inference
     (its int8 weights do not train, and its float ones are read as they were when compiled). A float LM is compiled

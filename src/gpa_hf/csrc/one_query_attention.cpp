@@ -17,6 +17,8 @@
 
 namespace {
 
+constexpr int64_t kMaxDim = 512;  // largest head size (`ONE_QUERY_MAX_HEAD_SIZE` in cpu_kernels.py)
+
 inline float to_float(float value) { return value; }
 
 inline float to_float(at::BFloat16 value) {
@@ -32,7 +34,6 @@ template <typename T, int Groups, int Dim>
 void attend_head(const float* query, const T* key, const T* value, const bool* mask, int64_t mask_stride,
                  float* output, int64_t dim, int64_t length, int64_t key_stride, int64_t value_stride, float scale,
                  float* scores) {
-  constexpr int64_t kMaxDim = 512;
   const int64_t size = Dim > 0 ? Dim : dim;
   float row[Dim > 0 ? Dim : kMaxDim];
   for (int64_t position = 0; position < length; ++position) {
@@ -136,7 +137,7 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
               value.sizes(), " differ in shape");
   TORCH_CHECK(query.size(0) == key.size(0) && query.size(1) == key.size(1) && query.size(3) == key.size(3),
               "one_query_attention: queries ", query.sizes(), " do not match keys ", key.sizes());
-  TORCH_CHECK(query.size(3) <= 512, "one_query_attention: head size up to 512, got ", query.size(3));
+  TORCH_CHECK(query.size(3) <= kMaxDim, "one_query_attention: head size up to ", kMaxDim, ", got ", query.size(3));
   TORCH_CHECK(key.size(2) > 0, "one_query_attention: no positions to attend to");
   TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1, "one_query_attention: key and value rows must be contiguous");
   const at::Tensor contiguous_query = query.contiguous();

@@ -50,6 +50,9 @@ def test_kernel_names_what_it_cannot_take(kernel):
         kernel(torch.randn(2, 2, 3, 16), key, key, None, 1.0)
     with pytest.raises(RuntimeError, match=r"a bool mask \(batch, 1, 1, positions\) expected, got Float"):
         kernel(query, key, key, torch.zeros(2, 1, 1, 5), 1.0)
+    with pytest.raises(RuntimeError, match="key and value rows must be contiguous"):
+        strided = torch.randn(2, 2, 16, 5).transpose(2, 3)
+        kernel(query, strided, strided, None, 1.0)
     with pytest.raises(RuntimeError, match="do not match keys"):
         kernel(query, torch.randn(2, 2, 5, 32), torch.randn(2, 2, 5, 32), None, 1.0)
 

@@ -139,7 +139,8 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
               "one_query_attention: queries ", query.sizes(), " do not match keys ", key.sizes());
   TORCH_CHECK(query.size(3) <= kMaxDim, "one_query_attention: head size up to ", kMaxDim, ", got ", query.size(3));
   TORCH_CHECK(key.size(2) > 0, "one_query_attention: no positions to attend to");
-  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1, "one_query_attention: key and value rows must be contiguous");
+  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1,
+              "one_query_attention: key and value rows must be contiguous");
   const at::Tensor contiguous_query = query.contiguous();
   at::Tensor output = at::empty_like(contiguous_query);
   const at::Tensor* mask_pointer = nullptr;

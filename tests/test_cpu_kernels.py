@@ -7,7 +7,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import gpa_hf
-from gpa_hf import GpaForConditionalGeneration, GpaProcessor, cpu_kernels
+from gpa_hf import GpaForConditionalGeneration, GpaProcessor, cpu_kernels, modeling_gpa
 from gpa_hf.modeling_gpa import one_query_attention
 
 
@@ -103,3 +103,28 @@ def test_compiled_cpu_steps_attend_with_the_kernel(kernel):
     result, code = run_and_get_code(lambda: model.generate(**inputs, **options))
     assert any("gpa_hf::one_query_attention" in source or "gpa_hf.one_query_attention" in source for source in code)
     assert torch.equal(result, expected)
+
+
+def test_fused_cpu_models_attend_with_the_kernel_eagerly(monkeypatch):
+    """`fuse_projections` on CPU loads the kernel, and eager one-token steps (static loop and `generate`) attend with
+    it, to the tokens SDPA gives; steps that need gradients keep SDPA (the kernel has no backward)."""
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval()
+    loads = []
+    monkeypatch.setattr(modeling_gpa, "load_cpu_kernels", lambda: loads.append(cpu_kernels.load_cpu_kernels()))
+    model.fuse_projections()
+    assert loads == [True]
+    inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task="tts", text=["two two eight five", "nine"])
+    results = {}
+    for static_decoding in (False, True):
+        with torch.profiler.profile() as profile:
+            results[static_decoding] = model.generate(
+                **inputs, task="tts", do_sample=False, static_decoding=static_decoding
+            )
+        assert "gpa_hf::one_query_attention" in {event.key for event in profile.key_averages()}
+    monkeypatch.setattr(cpu_kernels, "_built", False)
+    with_sdpa = model.generate(**inputs, task="tts", do_sample=False, static_decoding=True)
+    assert torch.equal(results[True], with_sdpa) and torch.equal(results[False], with_sdpa)
+    monkeypatch.setattr(cpu_kernels, "_built", True)
+    query, key = torch.randn(1, 4, 1, 48, requires_grad=True), torch.randn(1, 2, 5, 48)
+    assert not cpu_kernels.one_query_attention_supported(query, key, None)
+    assert cpu_kernels.one_query_attention_supported(query.detach(), key, None)

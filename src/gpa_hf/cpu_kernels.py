@@ -1,10 +1,13 @@
 """gpa-hf's C++ CPU kernels, built on first use with the machine's C++ compiler (as `torch.compile` builds its own).
 
 `gpa_hf::one_query_attention` (`csrc/one_query_attention.cpp`): a decoding step's attention over the KV cache at
-memory speed, from float32 or bfloat16 caches. Compiled CPU steps ([`GpaCompiledCpuStep`]) load and call it;
-everything else keeps SDPA. The build is for the machine's own CPU (`-march=native` on x86), and torch caches it
-(`TORCH_EXTENSIONS_DIR`, by default under `~/.cache/torch_extensions`), so only a machine's first use compiles it
-(10-30 s); machines of other CPUs sharing a home directory should each set their own `TORCH_EXTENSIONS_DIR`.
+memory speed, from float32 or bfloat16 caches. A CPU model with fused projections (`fuse_projections`, which the CLI
+and `quantize_lm_dynamic_int8` apply) loads it, and its one-token steps attend with it, eager or compiled (without
+gradients); everything else keeps SDPA.
+
+The build is for the machine's own CPU (`-march=native` on x86), and torch caches it (`TORCH_EXTENSIONS_DIR`, by
+default under `~/.cache/torch_extensions`), so only a machine's first use compiles it (10-30 s); machines of other
+CPUs sharing a home directory should each set their own `TORCH_EXTENSIONS_DIR`.
 """
 
 from __future__ import annotations
@@ -55,12 +58,13 @@ def one_query_attention_shape(query, key, value, mask, scale) -> torch.Tensor:
 
 
 def one_query_attention_supported(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the loaded kernel takes these grouped queries `(batch, kv_heads, groups, dim)`, keys and mask."""
+    """Whether the loaded kernel takes these one-token queries `(batch, heads, 1, dim)`, keys and mask."""
     return bool(
         _built
         and query.device.type == "cpu"
-        and query.shape[2] in ONE_QUERY_GROUPS
+        and not query.requires_grad  # the kernel has no backward
+        and query.shape[1] // key.shape[1] in ONE_QUERY_GROUPS
         and query.shape[3] <= ONE_QUERY_MAX_HEAD_SIZE
         and key.dtype in (torch.float32, torch.bfloat16)
-        and (mask is None or mask.dtype == torch.bool)
+        and (mask is None or (mask.dtype == torch.bool and mask.shape == (query.shape[0], 1, 1, key.shape[2])))
     )

@@ -27,7 +27,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from transformers.utils import ModelOutput
 
 from .configuration_gpa import GpaConfig
-from .cpu_kernels import one_query_attention_supported
+from .cpu_kernels import load_cpu_kernels, one_query_attention_supported
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     CACHE_ARGUMENT,
@@ -218,13 +218,13 @@ def one_query_attention(
     Each key-value head's queries attend as a short sequence, so keys and values are neither repeated nor run through
     SDPA's `enable_gqa`. transformers groups them so eagerly, but not under `torch.compile`, where it repeats the
     keys and values (masked) or uses `enable_gqa` (unmasked): 2 CPU cores, batch 8, 290 cached positions, 28
-    layers: 130 ms and 62 ms against 56 ms grouped. Where gpa-hf's CPU kernel is loaded (compiled CPU steps), it
-    attends instead of SDPA: it reads each cached row once, at memory speed (see `cpu_kernels`). `mask`, if any, is
-    shared by the heads: `(batch, 1, 1, positions)`.
+    layers: 130 ms and 62 ms against 56 ms grouped. Where gpa-hf's CPU kernel is loaded (`fuse_projections` on CPU),
+    it attends instead of SDPA: it reads each cached row once, at memory speed (see `cpu_kernels`). `mask`, if any,
+    is shared by the heads: `(batch, 1, 1, positions)`.
     """
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    if one_query_attention_supported(grouped, key, mask):
+    if one_query_attention_supported(query, key, mask):
         output = torch.ops.gpa_hf.one_query_attention(grouped.float(), key, value, mask, scaling).to(query.dtype)
     else:
         output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
@@ -267,7 +267,8 @@ class GpaFusedAttention(Qwen3Attention):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         one_query = query.shape[2] == 1 and query.device.type == "cpu" and self.config._attn_implementation == "sdpa"
-        if one_query and torch.compiler.is_compiling():  # measured on CPU only; CUDA steps keep transformers' path
+        # Measured on CPU only (CUDA steps keep transformers' path): compiled, grouped queries; eagerly, the kernel.
+        if one_query and (torch.compiler.is_compiling() or one_query_attention_supported(query, key, attention_mask)):
             return self.o_proj(one_query_attention(query, key, value, attention_mask, self.scaling)), None
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -512,7 +513,10 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         rounding, fewer and larger products per decoding step on CPU and GPU. `state_dict` and `save_pretrained`
         keep the published key names and the fused layers still train; adapters that name `q_proj` & co. (PEFT)
         need an unfused model. Do it before `quantize_lm_dynamic_int8` (which does it itself) or `torch.compile`.
+        On CPU it also loads gpa-hf's attention kernel for the decoding steps (`cpu_kernels`; built on first use).
         """
+        if self.device.type == "cpu":
+            load_cpu_kernels()  # the fused attention's one-token steps (`one_query_attention`)
         for layer in self.model.layers:
             if not isinstance(layer.self_attn, GpaFusedAttention):
                 layer.self_attn = GpaFusedAttention.from_attention(layer.self_attn)

@@ -353,8 +353,8 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         dest="compile_decoding",
         action="store_true",
         help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with oneDNN's int8 "
-        "products and gpa-hf's attention kernel, and one for the prompts; the first request compiles for a few "
-        "minutes at published size, in every new process: for servers, not one-off commands)",
+        "products, and one for the prompts; the first request compiles for a few minutes at published size, in "
+        "every new process: for servers, not one-off commands)",
     )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")

@@ -2,8 +2,9 @@
 
 `gpa_hf::one_query_attention` (`csrc/one_query_attention.cpp`): a decoding step's attention over the KV cache at
 memory speed, from float32 or bfloat16 caches. A CPU model with fused projections (`fuse_projections`, which the CLI
-and `quantize_lm_dynamic_int8` apply) loads it, and its one-token steps attend with it, eager or compiled (without
-gradients); everything else keeps SDPA.
+and `quantize_lm_dynamic_int8` apply) loads it where its cache is wide enough (`MIN_CACHE_WIDTH`), and so does a
+compiled CPU step; once loaded, one-token steps of fused attention layers attend with it, eager or compiled (without
+gradients). Everything else keeps SDPA.
 
 The build is for the machine's own CPU (`-march=native` on x86), and torch caches it (`TORCH_EXTENSIONS_DIR`, by
 default under `~/.cache/torch_extensions`), so only a machine's first use compiles it (10-30 s); machines of other
@@ -24,7 +25,17 @@ SOURCES = [Path(__file__).parent / "csrc" / "one_query_attention.cpp"]
 ONE_QUERY_GROUPS = (1, 2, 4, 8)  # queries per key-value head the kernel is built for
 ONE_QUERY_MAX_HEAD_SIZE = 512
 
+# Key and value numbers a token adds to the KV cache (all layers) from which a model's CPU steps load the kernel:
+# the published LM's 28 layers x 8 heads x 128 x 2 = 57,344 make attention a third of a batched step; gpa-tiny's
+# 4 x 2 x 48 x 2 = 768 make it too small for the first build (10-30 s) to pay.
+MIN_CACHE_WIDTH = 8192
+
 _built: bool | None = None  # None: not tried yet
+
+
+def cache_width(config) -> int:
+    """Key and value numbers a token adds to the KV cache of a GPA (Qwen3) LM with this config, over all layers."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
 
 
 def load_cpu_kernels() -> bool:
@@ -43,7 +54,7 @@ def load_cpu_kernels() -> bool:
                 "gpa_hf_cpu_kernels", [str(path) for path in SOURCES], extra_cflags=flags, is_python_module=False
             )
         except (OSError, RuntimeError, ImportError) as error:
-            message = f"gpa-hf's CPU kernels could not be built, compiled steps attend with SDPA: {error}"
+            message = f"gpa-hf's CPU kernels could not be built, decoding steps attend with SDPA: {error}"
             warnings.warn(message, stacklevel=2)
             _built = False
         else:

@@ -393,7 +393,7 @@ class GpaCompiledCpuStep:
 
     CPU steps of this small LM spend more time between ops (Python, module calls, small pointwise kernels) than in
     its products. Compiled, a step is one graph: each layer becomes its four products, the attention (gpa-hf's
-    kernel, `gpa_hf.cpu_kernels`, built by the first `refresh`) and a few fused C++ kernels, called from C++
+    kernel, `gpa_hf.cpu_kernels`, loaded by `fuse_projections` or here) and a few fused C++ kernels, called from C++
     (inductor's `cpp_wrapper`; the usual Python wrapper spent 17 ms of a 47 ms published-size int8 step calling them;
     100 tokens 3.2 s against 4.7-6.1 s, 2 cores). The prompts' pass is a second graph, the prompt's length symbolic,
     so that one serves every prompt (published size, int8, 2 cores: a 254-token ASR prompt's pass and first token

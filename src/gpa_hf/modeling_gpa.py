@@ -27,7 +27,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from transformers.utils import ModelOutput
 
 from .configuration_gpa import GpaConfig
-from .cpu_kernels import load_cpu_kernels, one_query_attention_supported
+from .cpu_kernels import MIN_CACHE_WIDTH, cache_width, load_cpu_kernels, one_query_attention_supported
 from .generation_gpa import (
     ALLOWED_ROWS_MAX_FRACTION,
     CACHE_ARGUMENT,
@@ -513,9 +513,10 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
         rounding, fewer and larger products per decoding step on CPU and GPU. `state_dict` and `save_pretrained`
         keep the published key names and the fused layers still train; adapters that name `q_proj` & co. (PEFT)
         need an unfused model. Do it before `quantize_lm_dynamic_int8` (which does it itself) or `torch.compile`.
-        On CPU it also loads gpa-hf's attention kernel for the decoding steps (`cpu_kernels`; built on first use).
+        On CPU it also loads gpa-hf's attention kernel for the decoding steps (`cpu_kernels`; built on first use),
+        where the LM's KV cache is wide enough for it to matter (`MIN_CACHE_WIDTH`: the published LM, not gpa-tiny).
         """
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and cache_width(self.config) >= MIN_CACHE_WIDTH:
             load_cpu_kernels()  # the fused attention's one-token steps (`one_query_attention`)
         for layer in self.model.layers:
             if not isinstance(layer.self_attn, GpaFusedAttention):

@@ -24,6 +24,7 @@ from gpa_hf import (
     GlmSpeechTokenizerFeatureExtractor,
     GlmSpeechTokenizerModel,
 )
+from gpa_hf.modeling_bicodec import BiCodecDilatedConv1d
 
 
 def timed(function, repeats: int) -> float:
@@ -35,13 +36,18 @@ def timed(function, repeats: int) -> float:
 
 
 def decode_flops(bicodec: BiCodecModel, semantic_codes: torch.Tensor, global_codes: torch.Tensor) -> int:
-    """Multiply-adds x 2 of the convolutions, transposed convolutions and linear layers in one `decode`."""
+    """Multiply-adds x 2 of the convolutions, transposed convolutions and linear layers in one `decode`, as run
+    (Winograd convolutions count their products)."""
     total = 0
 
     def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, torch.nn.ConvTranspose1d):  # every input sample meets every kernel tap
             positions, taps = inputs[0].shape[0] * inputs[0].shape[-1], module.kernel_size[0]
+        elif isinstance(module, BiCodecDilatedConv1d) and module.uses_winograd(inputs[0]):
+            # Winograd's F(m, k): m + k - 1 products per m outputs (its transforms, a few per cent, not counted)
+            positions = output.shape[0] * output.shape[-1]
+            taps = (module.winograd_outputs + module.kernel_size[0] - 1) / module.winograd_outputs
         elif isinstance(module, torch.nn.Conv1d):
             positions, taps = output.shape[0] * output.shape[-1], module.kernel_size[0]
         elif isinstance(module, torch.nn.Linear):
@@ -49,7 +55,7 @@ def decode_flops(bicodec: BiCodecModel, semantic_codes: torch.Tensor, global_cod
             return
         else:
             return
-        total += 2 * positions * taps * module.in_channels * module.out_channels // module.groups
+        total += round(2 * positions * taps * module.in_channels * module.out_channels / module.groups)
 
     handles = [module.register_forward_hook(count) for module in bicodec.modules()]
     try:

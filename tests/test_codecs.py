@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CLIPS
 
 from gpa_hf.modeling_gpa import cast_audio_tokenizer
@@ -613,3 +614,86 @@ def test_semantic_model_convolves_its_feature_encoder_time_major(bicodec):
     convolutions = [layer.conv for layer in semantic_model.feature_extractor.conv_layers]
     assert all(type(conv) is BiCodecTimeMajorConv1d for conv in convolutions)
     assert not isinstance(semantic_model.encoder.pos_conv_embed.conv, BiCodecTimeMajorConv1d)  # grouped, weight-normed
+
+
+@pytest.mark.parametrize("dilation", [1, 3, 9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_dilated_convolution_equals_the_float64_convolution(dilation, bias):
+    """The residual units' Winograd path (CPU, inference, float32) gives the convolution for lengths shorter and longer
+    than a run of outputs, channel-major and time-major inputs, single and batched, and returns time-major output."""
+    from gpa_hf.modeling_bicodec import BiCodecDilatedConv1d
+
+    torch.manual_seed(0)
+    conv = BiCodecDilatedConv1d(24, 16, kernel_size=7, dilation=dilation, padding=3 * dilation, bias=bias)
+    conv.winograd_min_channels = 16
+    conv.requires_grad_(False)
+    for length in (5, 6 * dilation, 61):
+        time_major_inputs = torch.randn(2, length, 24).transpose(1, 2)
+        for inputs in (time_major_inputs, time_major_inputs.contiguous(), time_major_inputs[1:]):
+            assert conv.uses_winograd(inputs)
+            expected = F.conv1d(
+                inputs.double(),
+                conv.weight.double(),
+                None if conv.bias is None else conv.bias.double(),
+                padding=3 * dilation,
+                dilation=dilation,
+            )
+            output = conv(inputs)
+            assert output.shape == expected.shape and output.stride(1) == 1
+            assert (output.double() - expected).norm() <= 3e-5 * expected.norm()
+
+
+def test_winograd_path_is_inference_only_and_follows_weight_updates():
+    """With autograd recording, in bfloat16 or below `winograd_min_channels` the plain convolution runs (its exact
+    values and gradients); the cached transformed kernel follows in-place updates, loads (also of inference tensors,
+    which keep no version) and casts."""
+    from gpa_hf.modeling_bicodec import BiCodecDilatedConv1d
+
+    torch.manual_seed(0)
+    conv = BiCodecDilatedConv1d(16, 16, kernel_size=7, dilation=3, padding=9)
+    conv.winograd_min_channels = 16
+    inputs = torch.randn(1, 16, 40)
+
+    def plain(module):
+        return F.conv1d(inputs, module.weight, module.bias, padding=9, dilation=3)
+
+    assert not conv.uses_winograd(inputs) and torch.equal(conv(inputs), plain(conv))
+    with torch.no_grad():
+        assert conv.uses_winograd(inputs) and not conv.uses_winograd(inputs.bfloat16())
+        torch.testing.assert_close(conv(inputs), plain(conv), rtol=0, atol=5e-5)
+        conv.weight.mul_(-2.0)
+        torch.testing.assert_close(conv(inputs), plain(conv), rtol=0, atol=5e-5)
+        conv.to(torch.bfloat16).float()
+        assert conv._winograd_cache is None
+        torch.testing.assert_close(conv(inputs), plain(conv), rtol=0, atol=5e-5)
+    with torch.inference_mode():
+        frozen = copy.deepcopy(conv)
+        assert frozen.weight.is_inference()
+        frozen(inputs)
+        frozen.load_state_dict({"weight": conv.weight.flip(-1), "bias": conv.bias})
+        torch.testing.assert_close(frozen(inputs), plain(frozen), rtol=0, atol=5e-5)
+    conv.winograd_min_channels = 17
+    with torch.no_grad():
+        assert not conv.uses_winograd(inputs)
+
+
+def test_wave_generator_with_winograd_convolutions_matches_reference(bicodec, expected, monkeypatch):
+    """Every residual unit of the fixture codec on the Winograd path (published size: 192 channels and up): the
+    batched decode still gives the reference's audio, each clip what it gets alone."""
+    from gpa_hf.modeling_bicodec import BiCodecDilatedConv1d
+
+    model, _ = bicodec
+    monkeypatch.setattr(BiCodecDilatedConv1d, "winograd_min_channels", 1)
+    units = [unit.conv1 for block in model.decoder.blocks for unit in block.res_units]
+    tokens = [expected[f"{c}.semantic_tokens"] for c in CLIPS]
+    padded = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    lengths = torch.tensor([t.shape[0] for t in tokens])
+    globals_ = torch.cat([expected[f"{c}.global_tokens"] for c in CLIPS])
+    with torch.no_grad():
+        assert all(unit.uses_winograd(torch.zeros(1, unit.in_channels, 8)) for unit in units)
+        batched = model.decode(padded, globals_, lengths)
+        for index, clip in enumerate(CLIPS):
+            length = int(batched.audio_lengths[index])
+            assert_close(batched.audio_values[index, :length], expected[f"{clip}.decoded_wav"], clip)
+            single = model.decode(tokens[index][None], globals_[index : index + 1]).audio_values[0]
+            torch.testing.assert_close(batched.audio_values[index, :length], single, rtol=0, atol=1e-5)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
 import gpa_hf
 from gpa_hf import GpaForConditionalGeneration, GpaProcessor, cpu_kernels, modeling_gpa
+from gpa_hf.generation_gpa import GpaPackedInt8Linear
 from gpa_hf.modeling_gpa import one_query_attention
 
 
@@ -132,3 +136,59 @@ def test_fused_cpu_models_attend_with_the_kernel_eagerly(monkeypatch):
     query, key = torch.randn(1, 4, 1, 48, requires_grad=True), torch.randn(1, 2, 5, 48)
     assert not cpu_kernels.one_query_attention_supported(query, key, None)
     assert cpu_kernels.one_query_attention_supported(query.detach(), key, None)
+
+
+def int8_layer(in_features: int = 64, out_features: int = 96) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        return torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(torch.nn.Linear(in_features, out_features)),
+            {torch.nn.Linear: modeling_gpa.INT8_QCONFIG},
+            dtype=torch.qint8,
+        )[0]
+
+
+def test_int8_linear_runs_the_layers_own_product(kernel):
+    """`gpa_hf::int8_linear` gives the torch.ao layer's output exactly, eagerly and compiled (from inductor's C++
+    wrapper), names what it cannot take, and drops a layer's weights with its `GpaPackedInt8Linear`."""
+    quantized = int8_layer()
+    layer = GpaPackedInt8Linear(quantized)
+    for inputs in (torch.randn(3, 64), torch.randn(2, 5, 64), torch.randn(5, 2, 64).transpose(0, 1)):
+        assert torch.equal(layer(inputs), quantized(inputs))
+    inputs = torch.randn(4, 64)
+    with torch.no_grad(), torch._inductor.config.patch(cpp_wrapper=True):
+        compiled, code = run_and_get_code(torch.compile(layer), inputs)
+    assert any("gpa_hf::int8_linear" in source or "gpa_hf.int8_linear" in source for source in code)
+    assert torch.equal(compiled, quantized(inputs))
+    with pytest.raises(RuntimeError, match="expected a float32 input, got BFloat16"):
+        layer(inputs.bfloat16())
+    with pytest.raises(RuntimeError, match="expected a LinearPackedParamsBase, got Tensor"):
+        torch.ops.gpa_hf.register_int8_linear(torch.zeros(1), True)
+    number = layer.number
+    del layer, compiled, code
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no registered layer {number}"):
+        torch.ops.gpa_hf.int8_linear(inputs, number)
+
+
+def test_compiled_int8_steps_run_the_eager_int8_products(kernel):
+    """gpa-tiny's int8 LM compiled for CPU steps calls its layers' own packed products and gives the eager int8
+    loop's tokens; a float weight changed in place is read as it is, with no recompilation."""
+    torch.compiler.reset()
+    model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().quantize_lm_dynamic_int8()
+    processor = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)
+    inputs = processor(task="tts", text=["two two eight five", "nine"])
+    expected = model.generate(**inputs, task="tts", do_sample=False, static_decoding=True)
+    options = {"task": "tts", "do_sample": False, "static_decoding": True, "compile_decoding": True}
+    result, code = run_and_get_code(lambda: model.generate(**inputs, **options))
+    assert any("gpa_hf::int8_linear" in source or "gpa_hf.int8_linear" in source for source in code)
+    assert not any("qlinear" in source for source in code)
+    assert torch.equal(result, expected)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        model.model.norm.weight.neg_()
+    changed = model.generate(**inputs, task="tts", do_sample=False, static_decoding=True)
+    assert not torch.equal(changed, expected)
+    assert torch.equal(model.generate(**inputs, **options), changed)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -6,6 +6,7 @@ import inspect
 import queue
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from .configuration_gpa import GpaVocabularyLayout
-from .cpu_kernels import load_cpu_kernels
+from .cpu_kernels import int8_linear_supported, load_cpu_kernels, register_int8_linear, release_int8_linear
 
 # Saved into generation_config.json as `task_defaults`; whatever the caller passes to `generate` wins.
 TASK_GENERATION_DEFAULTS: dict[str, dict] = {
@@ -353,7 +354,7 @@ class GpaTraceableInt8Linear(nn.Module):
     uint8 scale per call) -> dequantize -> linear. With `torch._inductor.config.freezing`, inductor recognises that
     pattern and runs oneDNN's int8 product on weights it packs once (VNNI / AMX), with the input's quantization and a
     following residual addition fused around it. Eagerly it dequantizes the whole weight at every call: it is only
-    meant to be compiled.
+    meant to be compiled. Compiled steps use it where [`GpaPackedInt8Linear`] cannot run (no C++ compiler).
     """
 
     def __init__(self, quantized: nn.Module):
@@ -373,13 +374,33 @@ class GpaTraceableInt8Linear(nn.Module):
         return nn.functional.linear(hidden_states, weight, self.bias)
 
 
+class GpaPackedInt8Linear(nn.Module):
+    """A torch.ao dynamic int8 linear layer as one opaque op of compiled CPU steps: the layer's own packed product.
+
+    `gpa_hf::int8_linear` (`gpa_hf.cpu_kernels`) runs the eager layer's product (fbgemm on x86) by the number the
+    layer was registered under: the eager int8 loop's values, no second copy of the weights, and faster than the
+    oneDNN products that [`GpaTraceableInt8Linear`] compiles to (published size, 2 threads, 200 tokens alternated in
+    one process, the LM part of a compiled batch-1 request: 2.90 s against 4.05-4.11 s; compiling 122 s against 204 s).
+    The registration is dropped with this module.
+    """
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        self.number = register_int8_linear(quantized)
+        weakref.finalize(self, release_int8_linear, self.number).atexit = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gpa_hf.int8_linear(hidden_states, self.number)
+
+
 def with_traceable_int8(module: nn.Module) -> nn.Module:
     """`module` if it holds no torch.ao dynamic int8 linear layer, else a shallow copy with traceable ones.
 
-    The copy shares every other submodule, parameter and buffer with `module`; the original is left as it is.
+    The copy shares every other submodule, parameter and buffer with `module`; the original is left as it is. Its
+    int8 layers are [`GpaPackedInt8Linear`] where gpa-hf's CPU kernels are loaded, else [`GpaTraceableInt8Linear`].
     """
     if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-        return GpaTraceableInt8Linear(module)
+        return GpaPackedInt8Linear(module) if int8_linear_supported(module) else GpaTraceableInt8Linear(module)
     children = {name: with_traceable_int8(child) for name, child in module.named_children()}
     if all(child is module._modules[name] for name, child in children.items()):
         return module
@@ -399,11 +420,12 @@ class GpaCompiledCpuStep:
     so that one serves every prompt (published size, int8, 2 cores: a 254-token ASR prompt's pass and first token
     0.29 s, against 0.43 s eagerly), with the Python wrapper: it runs once a request, and the C++ one took another
     minute to compile.
-    An int8 LM is compiled with inductor's freezing, which makes its weights constants of the compiled code: that is
-    what lets int8 layers run oneDNN's packed products (see [`GpaTraceableInt8Linear`]); such an LM is for inference
-    (its int8 weights do not train, and its float ones are read as they were when compiled). A float LM is compiled
-    without freezing and reads its weights as they are. `refresh` compiles again when modules were replaced (fused,
-    quantized). The first request compiles both graphs, for three to five minutes at published size on 2 cores.
+    An int8 LM's layers run their own packed products ([`GpaPackedInt8Linear`]), and the compiled code reads the LM's
+    float weights as they are, as it does a float LM's. Where gpa-hf's kernels cannot be built, they run oneDNN's
+    products ([`GpaTraceableInt8Linear`]), compiled with inductor's freezing, which makes the weights constants of
+    the compiled code (what oneDNN's packing needs): the float ones are then read as they were when compiled.
+    `refresh` compiles again when modules were replaced (fused, quantized). The first request compiles both graphs,
+    for two to five minutes at published size on 2 cores.
     """
 
     def __init__(self, lm: nn.Module, mode: str | None = None):
@@ -418,7 +440,7 @@ class GpaCompiledCpuStep:
             self.modules = modules
             load_cpu_kernels()  # the steps' attention (`one_query_attention`)
             traceable = with_traceable_int8(self.lm)
-            self.freeze = traceable is not self.lm
+            self.freeze = any(isinstance(layer, GpaTraceableInt8Linear) for layer in traceable.modules())
             # inductor's oneDNN int8 lowering copies its zero points with torch.tensor(tensor): harmless, and noisy
             warnings.filterwarnings("ignore", "To copy construct", module="torch._inductor.mkldnn_lowerings")
             self.compiled = torch.compile(traceable, mode=self.mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 
@@ -151,7 +152,8 @@ def int8_layer(in_features: int = 64, out_features: int = 96) -> torch.nn.Module
 
 def test_int8_linear_runs_the_layers_own_product(kernel):
     """`gpa_hf::int8_linear` gives the torch.ao layer's output exactly, eagerly and compiled (from inductor's C++
-    wrapper), names what it cannot take, and drops a layer's weights with its `GpaPackedInt8Linear`."""
+    wrapper), names what it cannot take, and drops a layer's weights with its `GpaPackedInt8Linear` (a deep copy keeps
+    its own)."""
     quantized = int8_layer()
     layer = GpaPackedInt8Linear(quantized)
     for inputs in (torch.randn(3, 64), torch.randn(2, 5, 64), torch.randn(5, 2, 64).transpose(0, 1)):
@@ -165,11 +167,13 @@ def test_int8_linear_runs_the_layers_own_product(kernel):
         layer(inputs.bfloat16())
     with pytest.raises(RuntimeError, match="expected a LinearPackedParamsBase, got Tensor"):
         torch.ops.gpa_hf.register_int8_linear(torch.zeros(1), True)
+    copied = copy.deepcopy(layer)
     number = layer.number
     del layer, compiled, code
     gc.collect()
     with pytest.raises(RuntimeError, match=f"no registered layer {number}"):
         torch.ops.gpa_hf.int8_linear(inputs, number)
+    assert copied.number != number and torch.equal(copied(inputs), quantized(inputs))
 
 
 def test_compiled_int8_steps_run_the_eager_int8_products(kernel):

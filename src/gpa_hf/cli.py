@@ -352,9 +352,9 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         "--compile",
         dest="compile_decoding",
         action="store_true",
-        help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with oneDNN's int8 "
-        "products, and one for the prompts; the first request compiles for a few minutes at published size, in "
-        "every new process: for servers, not one-off commands)",
+        help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with the int8 layers' "
+        "own products, and one for the prompts; the first request compiles for a few minutes at published size: "
+        "for servers, not one-off commands)",
     )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import queue
 import threading
@@ -381,13 +382,17 @@ class GpaPackedInt8Linear(nn.Module):
     layer was registered under: the eager int8 loop's values, no second copy of the weights, and faster than the
     oneDNN products that [`GpaTraceableInt8Linear`] compiles to (published size, 2 threads, 200 tokens alternated in
     one process, the LM part of a compiled batch-1 request: 2.90 s against 4.05-4.11 s; compiling 122 s against 204 s).
-    The registration is dropped with this module.
+    The registration is dropped with this module; a deep copy registers the copied layer.
     """
 
     def __init__(self, quantized: nn.Module):
         super().__init__()
         self.number = register_int8_linear(quantized)
+        self.__dict__["quantized"] = quantized  # not a submodule: the compiled step never calls it
         weakref.finalize(self, release_int8_linear, self.number).atexit = False
+
+    def __deepcopy__(self, memo: dict) -> GpaPackedInt8Linear:
+        return type(self)(copy.deepcopy(self.quantized, memo))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.ops.gpa_hf.int8_linear(hidden_states, self.number)
@@ -404,9 +409,9 @@ def with_traceable_int8(module: nn.Module) -> nn.Module:
     children = {name: with_traceable_int8(child) for name, child in module.named_children()}
     if all(child is module._modules[name] for name, child in children.items()):
         return module
-    copy = object.__new__(type(module))
-    copy.__dict__ = {**module.__dict__, "_modules": {**module._modules, **children}}
-    return copy
+    shallow = object.__new__(type(module))
+    shallow.__dict__ = {**module.__dict__, "_modules": {**module._modules, **children}}
+    return shallow
 
 
 class GpaCompiledCpuStep:

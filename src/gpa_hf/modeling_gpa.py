@@ -624,9 +624,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
             compile_decoding: with `static_decoding`, compile the decoding step with `torch.compile` (fewer, fused
                 kernels per step; the first request of a shape pays the compilation). On CPU the step becomes one
                 graph and the prompts' pass another ([`GpaCompiledCpuStep`]), and an int8 LM
-                (`quantize_lm_dynamic_int8`) runs oneDNN's int8 products with its weights frozen into the compiled
-                code. A string is the `torch.compile` mode, e.g.
-                `"max-autotune-no-cudagraphs"`.
+                (`quantize_lm_dynamic_int8`) runs its layers' own packed products in them ([`GpaPackedInt8Linear`]).
+                A string is the `torch.compile` mode, e.g. `"max-autotune-no-cudagraphs"`.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")

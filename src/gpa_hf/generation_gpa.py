@@ -443,7 +443,7 @@ class GpaCompiledCpuStep:
         modules = tuple(map(id, self.lm.modules()))
         if modules != self.modules:
             self.modules = modules
-            load_cpu_kernels()  # the steps' attention (`one_query_attention`)
+            load_cpu_kernels()  # the steps' attention (`one_query_attention`) and int8 products (`int8_linear`)
             traceable = with_traceable_int8(self.lm)
             self.freeze = any(isinstance(layer, GpaTraceableInt8Linear) for layer in traceable.modules())
             # inductor's oneDNN int8 lowering copies its zero points with torch.tensor(tensor): harmless, and noisy

@@ -644,9 +644,9 @@ def test_winograd_dilated_convolution_equals_the_float64_convolution(dilation, b
 
 
 def test_winograd_path_is_inference_only_and_follows_weight_updates():
-    """With autograd recording, in bfloat16 or below `winograd_min_channels` the plain convolution runs (its exact
-    values and gradients); the cached transformed kernel follows in-place updates, loads (also of inference tensors,
-    which keep no version) and casts."""
+    """With autograd recording (the plain convolution's exact values), in bfloat16 or below `winograd_min_channels`
+    the plain convolution runs; the cached transformed kernel follows in-place updates, loads (also of inference
+    tensors, which keep no version) and casts."""
     from gpa_hf.modeling_bicodec import BiCodecDilatedConv1d
 
     torch.manual_seed(0)

@@ -74,7 +74,11 @@ def test_a_kernel_that_cannot_be_built_is_named_and_sdpa_attends(monkeypatch):
 
     monkeypatch.setattr(cpu_kernels, "_built", None)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not be built, decoding steps attend with SDPA: Error building"):
+    message = (
+        "could not be built, decoding steps attend with SDPA and compiled int8 steps run oneDNN's products: "
+        "Error building"
+    )
+    with pytest.warns(UserWarning, match=message):
         assert not cpu_kernels.load_cpu_kernels()
     assert not cpu_kernels.load_cpu_kernels()
     assert len(attempts) == 1  # tried once per process

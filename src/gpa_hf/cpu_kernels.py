@@ -59,7 +59,10 @@ def load_cpu_kernels() -> bool:
                 "gpa_hf_cpu_kernels", [str(path) for path in SOURCES], extra_cflags=flags, is_python_module=False
             )
         except (OSError, RuntimeError, ImportError) as error:
-            message = f"gpa-hf's CPU kernels could not be built, decoding steps attend with SDPA: {error}"
+            message = (
+                "gpa-hf's CPU kernels could not be built, decoding steps attend with SDPA and compiled int8 steps "
+                f"run oneDNN's products: {error}"
+            )
             warnings.warn(message, stacklevel=2)
             _built = False
         else:

@@ -37,13 +37,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--output", default="gpa_gpu_profile.json")
-    parser.add_argument("--compile-mode", help="torch.compile mode of the decoding step (default: its default)")
+    parser.add_argument(
+        "--compile-mode",
+        help="torch.compile mode of the decoding step (default: its default), or 'triton' for gpa-hf's fused kernels",
+    )
+    parser.add_argument(
+        "--fused-blocks",
+        type=json.loads,
+        default={},
+        help="with --compile-mode triton: tile sizes of the fused kernels, as JSON (e.g. '{\"qkv_block_n\": 32}'; "
+        "fields of gpa_hf.gpu_kernels.FusedStepBlocks)",
+    )
     parser.add_argument(
         "--unfused", action="store_true", help="keep the stock separate projections (no `fuse_projections`)"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this profile needs a CUDA device")
+    if args.fused_blocks:
+        from gpa_hf import gpu_kernels
+
+        gpu_kernels.DEFAULT_FUSED_STEP_BLOCKS = gpu_kernels.FusedStepBlocks(**args.fused_blocks)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = published_gpa(["tts"])
@@ -124,7 +138,7 @@ def main() -> None:
         print(f"  {micros:8.1f}  {name[:100]}")
     with open(args.output, "w") as handle:
         summary = {"device": torch.cuda.get_device_name(), "compile_mode": args.compile_mode or "default"}
-        summary.update(fused_projections=not args.unfused)
+        summary.update(fused_projections=not args.unfused, fused_blocks=args.fused_blocks)
         summary.update(tokens=args.tokens, results=results)
         json.dump(summary, handle, indent=2)
 

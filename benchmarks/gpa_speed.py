@@ -235,6 +235,7 @@ def main() -> None:
             variants += [
                 ("bfloat16 static", bf16, {"static_decoding": True}),
                 ("bfloat16 static compiled", bf16, {"static_decoding": True, "compile_decoding": True}),
+                ("bfloat16 static triton", bf16, {"static_decoding": True, "compile_decoding": "triton"}),
             ]
         for name, variant, options in variants:
             seconds, rtf = tts_run(variant, 1, options)

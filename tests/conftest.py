@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, gpa-hf's Triton kernels (gpu_kernels) run in Triton's interpreter, which has to be chosen before
+# anything imports triton (transformers does): its own helpers (`tl.sum`...) are defined at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 from conftest import AUDIO, ORIGINAL_CHECKPOINT
 
-from gpa_hf.cli import main
+from gpa_hf.cli import _generate_kwargs, build_parser, main
 
 CLIP_000, CLIP_ASTRO = str(AUDIO / "000.wav"), str(AUDIO / "astro.wav")
 
@@ -89,6 +89,14 @@ def test_static_decoding_flag_gives_the_same_audio(converted_folder, tmp_path, c
     generated, _ = sf.read(tmp_path / "generate.wav")
     static, _ = sf.read(tmp_path / "static.wav")
     np.testing.assert_array_equal(static, generated)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"), [([], None), (["--compile"], True), (["--compile", "triton"], "triton")]
+)
+def test_compile_flag_passes_its_mode(flags, expected):
+    args = build_parser().parse_args(["tts", "--text", "one", "--output", "one.wav", "--static-decoding", *flags])
+    assert _generate_kwargs(args).get("compile_decoding") == expected
 
 
 def test_errors_exit_non_zero_without_traceback(converted_folder, tmp_path, capsys):

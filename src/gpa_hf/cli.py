@@ -89,7 +89,7 @@ def _generate_kwargs(args) -> dict:
             kwargs[name] = value
     for name in ("static_decoding", "compile_decoding"):
         if getattr(args, name, False):
-            kwargs[name] = True
+            kwargs[name] = getattr(args, name)  # True, or --compile's mode
     return kwargs
 
 
@@ -351,10 +351,14 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
     parser.add_argument(
         "--compile",
         dest="compile_decoding",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
         help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with the int8 layers' "
         "own products, and one for the prompts; the first request compiles for a few minutes at published size: "
-        "for servers, not one-off commands)",
+        "for servers, not one-off commands); MODE: a torch.compile mode (e.g. max-autotune-no-cudagraphs), or "
+        "'triton' for gpa-hf's fused Triton kernels on GPU (six a layer)",
     )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")

@@ -570,6 +570,11 @@ class GpaStaticDecoder:
         device = model.device
         self.prefill_multiple = prefill_multiple or prefill_multiple_for(device)
         self.model = model
+        # `compile_step="triton"`: gpa-hf's fused Triton kernels run each step, over a static cache.
+        self.fused_step = None
+        if compile_step == FUSED_TRITON_STEP:
+            self.fused_step = fused_decoding_step(model.model, batch_size, max_cache_len)
+            compile_step, static_cache = False, True
         # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
         # fewer, so a step takes less time. On CUDA only the one-token step is compiled (prompts are captured as
         # graphs); on CPU the prompts' pass is compiled too, in a graph of its own (`GpaCompiledCpuStep`).
@@ -692,6 +697,11 @@ class GpaStaticDecoder:
 
     def forward_step(self) -> None:
         """One LM step for the tokens in `self.token`, then `select`."""
+        if self.fused_step is not None:
+            position_ids = self.position - self.padding
+            self.select(self.fused_step(self.token, position_ids, self.position, self.valid, self.cache))
+            self.position += 1
+            return
         if self.static_cache:
             mask = (self.kv_index <= self.position)[None, None, None, :] & self.valid[:, None, None, :]
         else:  # attend over the filled positions only
@@ -838,6 +848,21 @@ class GpaStaticDecoder:
             done += 1
 
 
+# `compile_decoding` value that runs each static decoding step in gpa-hf's fused Triton kernels (`gpu_kernels`).
+FUSED_TRITON_STEP = "triton"
+
+
+def fused_decoding_step(lm: nn.Module, batch_size: int, max_cache_len: int):
+    """A [`GpaFusedDecodingStep`] for `lm`; triton is imported only here, where it is asked for."""
+    try:
+        from .gpu_kernels import GpaFusedDecodingStep
+    except ImportError as error:
+        raise ImportError(
+            f"compile_decoding={FUSED_TRITON_STEP!r} needs the triton package (CUDA builds of torch bring it): {error}"
+        ) from error
+    return GpaFusedDecodingStep(lm, batch_size, max_cache_len)
+
+
 class GpaStaticDecoderCache(OrderedDict):
     """The last `size` decoders of a model, by shape and settings (each holds a KV cache and a CUDA graph), and the
     model's compiled CPU steps, which its decoders share."""
@@ -893,6 +918,7 @@ __all__ = [
     "CACHE_GROWTH",
     "CODEC_GRAPH_FRAMES",
     "CUDA_PREFILL_MULTIPLE",
+    "FUSED_TRITON_STEP",
     "STATIC_DECODING_SYNC_EVERY",
     "TASK_GENERATION_DEFAULTS",
     "GpaAllowedRowsHead",

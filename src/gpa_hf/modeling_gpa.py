@@ -625,7 +625,8 @@ class GpaForConditionalGeneration(Qwen3ForCausalLM):
                 kernels per step; the first request of a shape pays the compilation). On CPU the step becomes one
                 graph and the prompts' pass another ([`GpaCompiledCpuStep`]), and an int8 LM
                 (`quantize_lm_dynamic_int8`) runs its layers' own packed products in them ([`GpaPackedInt8Linear`]).
-                A string is the `torch.compile` mode, e.g. `"max-autotune-no-cudagraphs"`.
+                A string is the `torch.compile` mode, e.g. `"max-autotune-no-cudagraphs"`, or `"triton"`: on GPU,
+                each step runs gpa-hf's fused Triton kernels instead ([`GpaFusedDecodingStep`], six a layer).
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with GpaProcessor)")

@@ -1,0 +1,104 @@
+"""Compile the fused decoding step's kernels for a GPU architecture with Triton's own compiler (no GPU needed).
+
+    python tests/compile_gpu_kernels.py [--arch 90] [--batch 1] [--tiny]
+
+Builds a published-size LM on the meta device (no memory), lists the step's launches as `GpaFusedDecodingStep`
+makes them, compiles each distinct kernel to a cubin and prints, as JSON, its registers per thread and the bytes it
+spills to local memory (from `cuobjdump -res-usage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from types import SimpleNamespace
+
+import torch
+import triton
+from transformers import Qwen3Config, Qwen3Model
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpa_hf import gpu_kernels
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.uint8: "u8"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def signature_of(kernel, arguments: tuple, options: dict) -> tuple[dict, dict]:
+    signature, constants = {}, {}
+    for name, value in zip(kernel.arg_names, arguments):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i64"
+    for name, value in options.items():
+        if name != "num_warps":
+            signature[name] = "constexpr"
+            constants[(kernel.arg_names.index(name),)] = value
+    return signature, constants
+
+
+def compile_step(arch: int, batch: int, tiny: bool) -> dict:
+    if tiny:
+        config = Qwen3Config(
+            hidden_size=192,
+            intermediate_size=576,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=48,
+        )
+    else:
+        config = Qwen3Config(
+            hidden_size=512,
+            intermediate_size=3072,
+            num_hidden_layers=1,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+        )
+    with torch.device("meta"):
+        lm = Qwen3Model(config).to(torch.bfloat16)
+    gpu_kernels.kernels_are_interpreted = lambda: True  # the launches are listed on the meta device, never run
+    max_cache_len = 512
+    step = gpu_kernels.GpaFusedDecodingStep(lm, batch, max_cache_len)
+    shape = (batch, config.num_key_value_heads, max_cache_len, config.head_dim)
+    layer = SimpleNamespace(keys=torch.empty(shape, device="meta", dtype=torch.bfloat16))
+    layer.values = layer.keys
+    cache = SimpleNamespace(layers=[layer])
+    index = torch.zeros(batch, dtype=torch.long, device="meta")
+    attended = torch.zeros(batch, max_cache_len, dtype=torch.bool, device="meta")
+    report = {}
+    for number, (kernel, grid, arguments, options) in enumerate(step.launches(index, index[:1], attended, cache)):
+        signature, constants = signature_of(kernel, arguments, options)
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": options.get("num_warps", 4)},
+        )
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+        registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+        spilled = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+        report[f"{number}:{kernel.__name__}"] = {"grid": list(grid), "registers": registers, "stack_bytes": spilled}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="gpa-tiny's shapes instead of the published LM's")
+    args = parser.parse_args()
+    print(json.dumps(compile_step(args.arch, args.batch, args.tiny)))
+
+
+if __name__ == "__main__":
+    main()

@@ -139,7 +139,7 @@ def test_bfloat16_step_is_as_close_to_float32_as_the_stock_one():
 @pytest.mark.parametrize("task", ["tts", "asr"])
 def test_triton_decoding_gives_the_static_decoding_tokens(monkeypatch, task):
     """gpa-tiny, greedy, two prompts of different lengths: the fused steps pick the tokens the stock ones do (ASR:
-    prompts of 60 positions over four splits of the cache, and the full output layer)."""
+    prompts of 60 positions, over several 16-position splits of the cache, and the full output layer)."""
     monkeypatch.setattr(gpu_kernels, "DEFAULT_FUSED_STEP_BLOCKS", LARGE_BLOCKS)
     model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL).eval().to(DEVICE)
     processor = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)

@@ -1,6 +1,6 @@
 """Compile the fused decoding step's kernels for a GPU architecture with Triton's own compiler (no GPU needed).
 
-    python tests/compile_gpu_kernels.py [--arch 90] [--batch 1] [--tiny]
+    python tests/compile_gpu_kernels.py [--arch 90] [--batch 1] [--shapes published|tiny]
 
 Builds a published-size LM on the meta device (no memory), lists the step's launches as `GpaFusedDecodingStep`
 makes them, compiles each distinct kernel to a cubin and prints, as JSON, its registers per thread and the bytes it
@@ -43,25 +43,16 @@ def signature_of(kernel, arguments: tuple, options: dict) -> tuple[dict, dict]:
     return signature, constants
 
 
-def compile_step(arch: int, batch: int, tiny: bool) -> dict:
-    if tiny:
-        config = Qwen3Config(
-            hidden_size=192,
-            intermediate_size=576,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=48,
-        )
-    else:
-        config = Qwen3Config(
-            hidden_size=512,
-            intermediate_size=3072,
-            num_hidden_layers=1,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-        )
+# The decoder layer shapes of gpa-tiny and of the published LM (one layer is enough to list every kernel).
+LAYER_SHAPES = {
+    "tiny": {"hidden_size": 192, "intermediate_size": 576, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "published": {"hidden_size": 512, "intermediate_size": 3072, "num_attention_heads": 16, "num_key_value_heads": 8},
+}
+HEAD_DIMS = {"tiny": 48, "published": 128}
+
+
+def compile_step(arch: int, batch: int, shapes: str) -> dict:
+    config = Qwen3Config(**LAYER_SHAPES[shapes], head_dim=HEAD_DIMS[shapes], num_hidden_layers=1)
     with torch.device("meta"):
         lm = Qwen3Model(config).to(torch.bfloat16)
     gpu_kernels.kernels_are_interpreted = lambda: True  # the launches are listed on the meta device, never run
@@ -95,9 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--tiny", action="store_true", help="gpa-tiny's shapes instead of the published LM's")
+    parser.add_argument("--shapes", choices=sorted(LAYER_SHAPES), default="published", help="whose layer shapes")
     args = parser.parse_args()
-    print(json.dumps(compile_step(args.arch, args.batch, args.tiny)))
+    print(json.dumps(compile_step(args.arch, args.batch, args.shapes)))
 
 
 if __name__ == "__main__":

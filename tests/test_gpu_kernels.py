@@ -19,6 +19,7 @@ from conftest import FIXTURES
 
 pytest.importorskip("triton", reason="the fused decoding step is written in Triton (pip install triton)")
 
+from compile_gpu_kernels import HEAD_DIMS, LAYER_SHAPES
 from transformers import Qwen3Config, Qwen3Model, StaticCache
 
 import gpa_hf
@@ -36,15 +37,7 @@ LARGE_BLOCKS = FusedStepBlocks(qkv_block_n=64, output_block_n=64, gate_up_block_
 def small_lm(fused: bool) -> Qwen3Model:
     """Two layers with gpa-tiny's head layout: head size 48 (not a power of two), two queries per key-value head."""
     torch.manual_seed(0)
-    config = Qwen3Config(
-        hidden_size=192,
-        intermediate_size=576,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=48,
-        vocab_size=300,
-    )
+    config = Qwen3Config(**LAYER_SHAPES["tiny"], head_dim=HEAD_DIMS["tiny"], num_hidden_layers=2, vocab_size=300)
     lm = Qwen3Model(config).eval().to(DEVICE)
     for layer in lm.layers:  # trained-looking norms: the stock ones are all ones
         for norm in (layer.input_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm):
@@ -191,7 +184,7 @@ def test_kernels_compile_for_gpus_without_spilling(arch, batch, shapes):
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "compile_gpu_kernels.py"
     command = [sys.executable, str(script), "--arch", str(arch), "--batch", str(batch)]
-    result = subprocess.run(command + (["--tiny"] if shapes == "tiny" else []), env=environment, capture_output=True)
+    result = subprocess.run([*command, "--shapes", shapes], env=environment, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     report = json.loads(result.stdout)
     assert [name.split(":")[1] for name in report] == [

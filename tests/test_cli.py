@@ -99,6 +99,14 @@ def test_compile_flag_passes_its_mode(flags, expected):
     assert _generate_kwargs(args).get("compile_decoding") == expected
 
 
+def test_compile_takes_no_model_folder_for_a_mode(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["tts", "--static-decoding", "--compile", "gpa-0.3b", "--text", "one", "--output", "a"]
+        )
+    assert "invalid choice: 'gpa-0.3b'" in capsys.readouterr().err
+
+
 def test_errors_exit_non_zero_without_traceback(converted_folder, tmp_path, capsys):
     assert main(["asr", str(converted_folder), str(tmp_path / "missing.wav")]) == 1
     err = capsys.readouterr().err

@@ -17,6 +17,7 @@ from .configuration_gpa import TASKS
 from .convert_codecs import CheckpointMismatchError
 from .data_gpa import DEFAULT_MAX_LENGTH
 from .default_model import DEFAULT_MODEL
+from .generation_gpa import FUSED_TRITON_STEP
 from .processing_gpa import run_requests
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff"}
@@ -322,6 +323,11 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.output} and {plot} ({report['num_items']} items)")
 
 
+# `--compile`'s modes: torch.compile's (CUDA-graph modes left out: static decoding captures its own graph), and the
+# fused Triton kernels. A closed list, so that `--compile MODEL_FOLDER` is an error rather than a mode.
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", FUSED_TRITON_STEP)
+
+
 def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--greedy", action="store_true", help="turn sampling off")
@@ -354,11 +360,12 @@ def _add_sampling(parser: argparse.ArgumentParser, dry_run: bool = True) -> None
         nargs="?",
         const=True,
         default=False,
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="with --static-decoding: torch.compile each step (on CPU with --int8: one graph with the int8 layers' "
         "own products, and one for the prompts; the first request compiles for a few minutes at published size: "
-        "for servers, not one-off commands); MODE: a torch.compile mode (e.g. max-autotune-no-cudagraphs), or "
-        "'triton' for gpa-hf's fused Triton kernels on GPU (six a layer)",
+        "for servers, not one-off commands); MODE: a torch.compile mode, or 'triton' for gpa-hf's fused Triton "
+        "kernels on GPU (six a layer)",
     )
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the prompt ids as JSON, generate nothing")

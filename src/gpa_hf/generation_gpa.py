@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.ao.quantization.fx._decomposed  # registers the ops `GpaTraceableInt8Linear` is written in
@@ -22,6 +23,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from .configuration_gpa import GpaVocabularyLayout
 from .cpu_kernels import int8_linear_supported, load_cpu_kernels, register_int8_linear, release_int8_linear
+
+if TYPE_CHECKING:  # importing it imports triton, which only the fused step needs
+    from .gpu_kernels import GpaFusedDecodingStep
 
 # Saved into generation_config.json as `task_defaults`; whatever the caller passes to `generate` wins.
 TASK_GENERATION_DEFAULTS: dict[str, dict] = {
@@ -548,7 +552,9 @@ class GpaStaticDecoder:
     eagerly, which is what the tests compare with `generate`; there the cache is an appending one
     ([`GpaDecodingCache`]): a step attends over the filled positions only, and, when no prompt is padded, without a
     mask (masked attention over a cache padded to its full length made a batch-8 CPU step 1.7x slower). A compiled
-    CPU step ([`GpaCompiledCpuStep`]) attends over the filled positions of fixed buffers ([`GpaStepCache`]).
+    CPU step ([`GpaCompiledCpuStep`]) attends over the filled positions of fixed buffers ([`GpaStepCache`]). With
+    `compile_step="triton"` the LM part of a step is gpa-hf's fused Triton kernels ([`GpaFusedDecodingStep`]) over a
+    static cache.
 
     One decoder serves one (batch size, cache length, output rows, settings); [`GpaForConditionalGeneration`]
     keeps the last few, so that repeated requests of one shape reuse their graph and cache.
@@ -852,7 +858,7 @@ class GpaStaticDecoder:
 FUSED_TRITON_STEP = "triton"
 
 
-def fused_decoding_step(lm: nn.Module, batch_size: int, max_cache_len: int):
+def fused_decoding_step(lm: nn.Module, batch_size: int, max_cache_len: int) -> GpaFusedDecodingStep:
     """A [`GpaFusedDecodingStep`] for `lm`; triton is imported only here, where it is asked for."""
     try:
         from .gpu_kernels import GpaFusedDecodingStep

@@ -165,6 +165,8 @@ def test_unsupported_models_are_named():
     lm.config.hidden_act = "gelu"
     with pytest.raises(ValueError, match="does not support hidden_act='gelu'"):
         GpaFusedDecodingStep(lm, 1, 64)
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 cached numbers a layer; batch 4096 x cache length 8192"):
+        GpaFusedDecodingStep(small_lm(fused=False), 4096, 8192)
     step = GpaFusedDecodingStep(small_lm(fused=False), 2, 64)
     with pytest.raises(ValueError, match="built for batch size 2; got 1"):
         step(*(torch.zeros(1, dtype=torch.long, device=DEVICE),) * 3, None, None)

@@ -382,6 +382,12 @@ class GpaFusedDecodingStep:
             raise ValueError(
                 f"the fused decoding step rotates whole heads ({self.head_dim}); this LM rotates {self.cos.shape[-1]}"
             )
+        cache_size = batch_size * self.kv_heads * max_cache_len * self.head_dim
+        if cache_size >= 2**31:  # the kernels address a layer's cache with 32-bit offsets
+            raise ValueError(
+                f"the fused decoding step addresses at most 2**31 cached numbers a layer; batch {batch_size} x cache "
+                f"length {max_cache_len} needs {cache_size}"
+            )
         self.chunk = max(blocks.attention_block, triton.next_power_of_2(math.ceil(max_cache_len / blocks.max_splits)))
         self.splits = math.ceil(max_cache_len / self.chunk)
         # A block of query / key / value rows lies within one of them: the largest power of two dividing all three.

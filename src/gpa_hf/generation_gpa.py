@@ -273,9 +273,12 @@ class StaticDecodingSettings:
         )
 
 
-def gumbel_max_sample(scores: torch.Tensor) -> torch.LongTensor:
-    """One draw per row from softmax(`scores`), as `multinomial` would, without a host sync (graph-safe)."""
-    uniform = torch.rand_like(scores).clamp_(min=torch.finfo(scores.dtype).tiny)
+def gumbel_max_sample(scores: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.LongTensor:
+    """One draw per row from softmax(`scores`), as `multinomial` would, without a host sync (graph-safe).
+
+    `uniform`: the draw's uniform random numbers, shaped as `scores` (default: drawn here).
+    """
+    uniform = (torch.rand_like(scores) if uniform is None else uniform).clamp(min=torch.finfo(scores.dtype).tiny)
     return (scores - torch.log(-torch.log(uniform))).argmax(-1)
 
 
@@ -580,6 +583,9 @@ class GpaStaticDecoder:
         self.fused_step = None
         if compile_step == FUSED_TRITON_STEP:
             self.fused_step = fused_decoding_step(model.model, batch_size, max_cache_len)
+            # The rest of the step (final norm, output rows, scores, the pick and its bookkeeping) is 45 torch calls
+            # for sampled TTS eagerly, a few kernels compiled; its random numbers are drawn outside (`forward_step`).
+            self.compiled_tail = torch.compile(self.fused_step_tail, dynamic=False)
             compile_step, static_cache = False, True
         # torch.compile fuses each layer's small pointwise kernels (norms, rotary, activations): the graph holds
         # fewer, so a step takes less time. On CUDA only the one-token step is compiled (prompts are captured as
@@ -685,14 +691,17 @@ class GpaStaticDecoder:
                 logits = logits.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
         return logits
 
-    def select(self, hidden: torch.Tensor) -> None:
-        """Pick each row's next token from the last hidden states `(batch, hidden)`, and record it."""
+    def select(self, hidden: torch.Tensor, uniform: torch.Tensor | None = None) -> None:
+        """Pick each row's next token from the last hidden states `(batch, hidden)`, and record it.
+
+        `uniform`: when sampling, the draw's uniform random numbers `(batch, rows)` (default: drawn here).
+        """
         if self.gather_rows:
             logits = self.full_output_layer(hidden).index_select(-1, self.rows)
         else:
             logits = nn.functional.linear(hidden, self.head, self.head_bias)
         scores = self.next_token_scores(logits.float())
-        choice = gumbel_max_sample(scores) if self.settings.do_sample else scores.argmax(-1)
+        choice = gumbel_max_sample(scores, uniform) if self.settings.do_sample else scores.argmax(-1)
         token = self.rows[choice].masked_fill(self.finished, self.pad_token_id)
         self.lengths.copy_(torch.where(self.finished, self.lengths, self.generated + 1))
         self.finished |= token == self.stop_token_id
@@ -704,9 +713,11 @@ class GpaStaticDecoder:
     def forward_step(self) -> None:
         """One LM step for the tokens in `self.token`, then `select`."""
         if self.fused_step is not None:
-            position_ids = self.position - self.padding
-            self.select(self.fused_step(self.token, position_ids, self.position, self.valid, self.cache))
-            self.position += 1
+            residual = self.fused_step.residual_stream(
+                self.token, self.position - self.padding, self.position, self.valid, self.cache
+            )
+            uniform = torch.rand(self.seen.shape, device=residual.device) if self.settings.do_sample else None
+            self.compiled_tail(residual, uniform)
             return
         if self.static_cache:
             mask = (self.kv_index <= self.position)[None, None, None, :] & self.valid[:, None, None, :]
@@ -725,6 +736,11 @@ class GpaStaticDecoder:
             **{CACHE_ARGUMENT: self.cache},
         ).last_hidden_state[:, -1]
         self.select(hidden)
+        self.position += 1
+
+    def fused_step_tail(self, residual: torch.Tensor, uniform: torch.Tensor | None) -> None:
+        """After the fused step's layers: the final norm, `select` and the next position (compiled as one)."""
+        self.select(self.fused_step.final_hidden(residual), uniform)
         self.position += 1
 
     def step(self) -> None:

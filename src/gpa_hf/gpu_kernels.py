@@ -416,12 +416,27 @@ class GpaFusedDecodingStep:
         `attended` `(batch, max_cache_len)`: which cached positions each sequence may attend to, of those up to
         the slot (False for its prompt's left padding); `cache`: the `StaticCache` the prompt was run into.
         """
+        return self.final_hidden(self.residual_stream(input_ids, position_ids, slot, attended, cache))
+
+    def residual_stream(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        slot: torch.LongTensor,
+        attended: torch.BoolTensor,
+        cache,
+    ) -> torch.Tensor:
+        """The float32 residual stream `(batch, hidden)` after the last layer (before the final norm)."""
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(f"this fused step was built for batch size {self.batch_size}; got {input_ids.shape[0]}")
         self.residual.copy_(self.lm.embed_tokens(input_ids))
         for kernel, grid, arguments, options in self.launches(position_ids, slot, attended, cache):
             kernel[grid](*arguments, **options)
-        return self.lm.norm(self.residual).to(self.lm.embed_tokens.weight.dtype)
+        return self.residual
+
+    def final_hidden(self, residual: torch.Tensor) -> torch.Tensor:
+        """The LM's final norm of the residual stream, in the LM's dtype."""
+        return self.lm.norm(residual).to(self.lm.embed_tokens.weight.dtype)
 
     def launches(
         self, position_ids: torch.LongTensor, slot: torch.LongTensor, attended: torch.BoolTensor, cache

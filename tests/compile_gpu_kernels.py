@@ -2,9 +2,9 @@
 
     python tests/compile_gpu_kernels.py [--arch 90] [--batch 1] [--shapes published|tiny]
 
-Builds a published-size LM on the meta device (no memory), lists the step's launches as `GpaFusedDecodingStep`
-makes them, compiles each distinct kernel to a cubin and prints, as JSON, its registers per thread and the bytes it
-spills to local memory (from `cuobjdump -res-usage`).
+Builds one layer of the LM on the meta device (no memory), lists the step's launches as `GpaFusedDecodingStep`
+makes them, compiles each launch to a cubin and prints, as JSON, its grid, registers per thread, the bytes it
+spills to local memory (from `cuobjdump -res-usage`) and its global loads by width (from the PTX).
 """
 
 from __future__ import annotations
@@ -29,18 +29,26 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", t
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def signature_of(kernel, arguments: tuple, options: dict) -> tuple[dict, dict]:
-    signature, constants = {}, {}
-    for name, value in zip(kernel.arg_names, arguments):
+def signature_of(kernel, arguments: tuple, options: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constants and attributes of a launch, as its JIT specializes them at run time: tensors
+    16-byte aligned (every tensor the step passes is: allocations and the weight views it splits at row bounds)
+    and integers divisible by 16 marked so, which is what lets the compiler use vector loads."""
+    signature, constants, attributes = {}, {}, {}
+    for index, (name, value) in enumerate(zip(kernel.arg_names, arguments)):
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
-            signature[name] = "fp32" if isinstance(value, float) else "i64"
+            signature[name] = "i64"
+            if value % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
     for name, value in options.items():
         if name != "num_warps":
             signature[name] = "constexpr"
             constants[(kernel.arg_names.index(name),)] = value
-    return signature, constants
+    return signature, constants, attributes
 
 
 # The decoder layer shapes of gpa-tiny and of the published LM (one layer is enough to list every kernel).
@@ -66,9 +74,9 @@ def compile_step(arch: int, batch: int, shapes: str) -> dict:
     attended = torch.zeros(batch, max_cache_len, dtype=torch.bool, device="meta")
     report = {}
     for number, (kernel, grid, arguments, options) in enumerate(step.launches(index, index[:1], attended, cache)):
-        signature, constants = signature_of(kernel, arguments, options)
+        signature, constants, attributes = signature_of(kernel, arguments, options)
         compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constants),
+            ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": options.get("num_warps", 4)},
         )
@@ -78,7 +86,14 @@ def compile_step(arch: int, batch: int, shapes: str) -> dict:
             usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
         registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
         spilled = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
-        report[f"{number}:{kernel.__name__}"] = {"grid": list(grid), "registers": registers, "stack_bytes": spilled}
+        loads = re.findall(r"ld\.global\.(v\d\.)?b(\d+)", compiled.asm["ptx"])
+        report[f"{number}:{kernel.__name__}"] = {
+            "grid": list(grid),
+            "registers": registers,
+            "stack_bytes": spilled,
+            # global loads by width: 16-bit ones read bf16 weights one number at a time
+            "loads": {f"{vector or ''}b{bits}": loads.count((vector, bits)) for vector, bits in sorted(set(loads))},
+        }
     return report
 
 

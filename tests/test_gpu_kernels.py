@@ -185,8 +185,9 @@ def test_a_missing_triton_is_named(monkeypatch):
 
 @pytest.mark.parametrize(("arch", "batch", "shapes"), [(90, 1, "published"), (90, 8, "published"), (80, 3, "tiny")])
 def test_kernels_compile_for_gpus_without_spilling(arch, batch, shapes):
-    """Triton's own compiler (ptxas included; no GPU needed) builds every launch of a step, and the default tiles
-    fit in registers. The interpreter runs what the compiler would reject (a variable of two pointer types)."""
+    """Triton's own compiler (ptxas included; no GPU needed) builds every launch of a step, the default tiles fit in
+    registers and the products load their weights in 16-byte vectors. The interpreter runs what the compiler would
+    reject (a variable of two pointer types)."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "compile_gpu_kernels.py"
     command = [sys.executable, str(script), "--arch", str(arch), "--batch", str(batch)]
@@ -202,3 +203,6 @@ def test_kernels_compile_for_gpus_without_spilling(arch, batch, shapes):
         "linear_residual_kernel",
     ]
     assert {name: usage["stack_bytes"] for name, usage in report.items() if usage["stack_bytes"]} == {}
+    # The products read their weights 16 bytes at a time (one load per 8 bf16 numbers), never one number at a time.
+    products = {name: usage["loads"] for name, usage in report.items() if "linear" in name}
+    assert all("b16" not in loads and loads.get("v4.b32", 0) > 0 for loads in products.values()), products

@@ -176,6 +176,20 @@ def test_unsupported_models_are_named():
         step(*(torch.zeros(1, dtype=torch.long, device=DEVICE),) * 3, None, None)
 
 
+def test_a_cpu_model_is_refused_outside_the_interpreter():
+    """Compiled Triton kernels run on CUDA tensors only: a CPU model is refused by name, not crashed into."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = (
+        "import gpa_hf; from gpa_hf import GpaForConditionalGeneration, GpaProcessor\n"
+        "model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL)\n"
+        "inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task='tts', text='one')\n"
+        "model.generate(**inputs, static_decoding=True, compile_decoding='triton')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ValueError: the fused decoding step runs on CUDA devices (the LM is on cpu)" in result.stderr
+
+
 def test_a_missing_triton_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "gpa_hf.gpu_kernels")

@@ -33,6 +33,9 @@ from torch import nn
 
 LOG2_E = 1.4426950408889634
 
+# One kernel launch of a step: (kernel, grid, positional arguments, constants and launch options).
+Launch = tuple[triton.JITFunction, tuple[int, ...], tuple, dict]
+
 
 @triton.jit
 def rms_norm_linear_kernel(
@@ -440,7 +443,7 @@ class GpaFusedDecodingStep:
 
     def launches(
         self, position_ids: torch.LongTensor, slot: torch.LongTensor, attended: torch.BoolTensor, cache
-    ) -> Iterator[tuple[triton.JITFunction, tuple[int, ...], tuple, dict]]:
+    ) -> Iterator[Launch]:
         """The step's kernel launches after the embedding, in order: (kernel, grid, arguments, constant options)."""
         blocks, batch = self.blocks, self.batch_size
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
@@ -520,7 +523,7 @@ class GpaFusedDecodingStep:
                     weights["post_norm"],
                     weights["gate"],
                     weights["up"],
-                    weights["up"],
+                    weights["up"],  # the third weight, read only by the ungated products
                     self.activation,
                     self.eps,
                 ),
@@ -540,7 +543,9 @@ class GpaFusedDecodingStep:
                 self.activation, weights["down"], intermediate, intermediate_pad, blocks.down_block_n
             )
 
-    def residual_product(self, inputs: torch.Tensor, weight: torch.Tensor, size: int, size_pad: int, block_n: int):
+    def residual_product(
+        self, inputs: torch.Tensor, weight: torch.Tensor, size: int, size_pad: int, block_n: int
+    ) -> Launch:
         """The launch of residual += inputs @ weight.T (the attention's output product, the MLP's down product)."""
         options = {"B": self.batch_size, "K": size, "K_PAD": size_pad, "N": self.hidden_size, "BLOCK_N": block_n}
         options["num_warps"] = product_num_warps(block_n, size_pad)

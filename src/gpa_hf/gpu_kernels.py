@@ -175,7 +175,6 @@ def attention_split_kernel(
     slot = tl.load(slot_ptr)
     start = split * CHUNK
     if start <= slot:
-        end = tl.minimum(start + CHUNK, slot + 1)
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, D_PAD)
         d_mask = d < D
@@ -192,7 +191,7 @@ def attention_split_kernel(
         )
         query = query * scale_log2
         base = row * cache_stride_batch + kv_head * cache_stride_head
-        if end == slot + 1:  # this split holds the new token: its key and value go into the cache first
+        if slot < start + CHUNK:  # this split holds the new token: its key and value go into the cache first
             one = tl.arange(0, 1) < 1
             key = _normed_rotated(
                 qkv + (NH + kv_head) * D, k_norm_ptr, cos, sin, d, partner, sign, d_mask, one, eps, D, 1
@@ -205,9 +204,10 @@ def attention_split_kernel(
         running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         weighted = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            attended = (t < end) & (tl.load(valid_ptr + row * valid_stride + t, mask=t < end, other=0) != 0)
+        for t0 in range(0, CHUNK, BLOCK_T):  # a fixed count: positions past the slot are masked, never read
+            t = start + t0 + tl.arange(0, BLOCK_T)
+            cached = t <= slot
+            attended = cached & (tl.load(valid_ptr + row * valid_stride + t, mask=cached, other=0) != 0)
             offsets = base + t[:, None] * cache_stride_position + d[None, :]
             mask = attended[:, None] & d_mask[None, :]
             keys = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -34,6 +34,11 @@ HELDOUT = FIXTURES / "gpa_tiny_heldout"
 LARGE_BLOCKS = FusedStepBlocks(qkv_block_n=64, output_block_n=64, gate_up_block_n=64, down_block_n=64)
 
 
+def compiled_triton_environment() -> dict[str, str]:
+    """This process's environment without the interpreter switch: a child process imports compiled kernels."""
+    return {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+
+
 def small_lm(fused: bool) -> Qwen3Model:
     """Two layers with gpa-tiny's head layout: head size 48 (not a power of two), two queries per key-value head."""
     torch.manual_seed(0)
@@ -178,14 +183,15 @@ def test_unsupported_models_are_named():
 
 def test_a_cpu_model_is_refused_outside_the_interpreter():
     """Compiled Triton kernels run on CUDA tensors only: a CPU model is refused by name, not crashed into."""
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = (
         "import gpa_hf; from gpa_hf import GpaForConditionalGeneration, GpaProcessor\n"
         "model = GpaForConditionalGeneration.from_pretrained(gpa_hf.DEFAULT_MODEL)\n"
         "inputs = GpaProcessor.from_pretrained(gpa_hf.DEFAULT_MODEL)(task='tts', text='one')\n"
         "model.generate(**inputs, static_decoding=True, compile_decoding='triton')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=compiled_triton_environment(), capture_output=True, text=True
+    )
     assert result.returncode != 0
     assert "ValueError: the fused decoding step runs on CUDA devices (the LM is on cpu)" in result.stderr
 
@@ -202,10 +208,9 @@ def test_kernels_compile_for_gpus_without_spilling(arch, batch, shapes):
     """Triton's own compiler (ptxas included; no GPU needed) builds every launch of a step, the default tiles fit in
     registers and the products load their weights in 16-byte vectors. The interpreter runs what the compiler would
     reject (a variable of two pointer types)."""
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "compile_gpu_kernels.py"
     command = [sys.executable, str(script), "--arch", str(arch), "--batch", str(batch)]
-    result = subprocess.run([*command, "--shapes", shapes], env=environment, capture_output=True)
+    result = subprocess.run([*command, "--shapes", shapes], env=compiled_triton_environment(), capture_output=True)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     report = json.loads(result.stdout)
     assert [name.split(":")[1] for name in report] == [

@@ -12,6 +12,7 @@ need. Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -49,15 +50,25 @@ def main() -> None:
         "fields of gpa_hf.gpu_kernels.FusedStepBlocks)",
     )
     parser.add_argument(
+        "--sweep",
+        type=json.loads,
+        default=[],
+        help="with --compile-mode triton: a JSON list of tile settings (fields of FusedStepBlocks, as for "
+        "--fused-blocks); the decoding step is timed again with each, in this process",
+    )
+    parser.add_argument(
         "--unfused", action="store_true", help="keep the stock separate projections (no `fuse_projections`)"
     )
     args = parser.parse_args()
+    if (args.fused_blocks or args.sweep) and args.compile_mode != "triton":
+        parser.error("--fused-blocks and --sweep set the fused kernels of --compile-mode triton")
     if not torch.cuda.is_available():
         raise SystemExit("this profile needs a CUDA device")
-    if args.fused_blocks:
+    if args.fused_blocks or args.sweep:
         from gpa_hf import gpu_kernels
 
         gpu_kernels.DEFAULT_FUSED_STEP_BLOCKS = gpu_kernels.FusedStepBlocks(**args.fused_blocks)
+        torch._dynamo.config.recompile_limit += len(args.sweep)  # a step's compiled tail may compile again for each
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = published_gpa(["tts"])
@@ -118,6 +129,21 @@ def main() -> None:
         first_chunk()
         record("first_chunk_ms", "streaming: first audio chunk", 1e3 * median_seconds(first_chunk, 9), "ms")
 
+        sweep, measured_step = [], decoder.fused_step
+        for fields in args.sweep:  # the same decoder with other fused kernels: its step graph captured again
+            blocks = dataclasses.replace(gpu_kernels.DEFAULT_FUSED_STEP_BLOCKS, **fields)
+            decoder.fused_step = gpu_kernels.GpaFusedDecodingStep(model.model, 1, decoder.max_cache_len, blocks)
+            decoder.step_graph.clear()
+            decoder.prefill_graphs(ids, mask)
+            decoder.step()  # compiles the kernels, captures the step
+            decoder.prefill_graphs(ids, mask)
+            seconds = cuda_seconds(lambda: [decoder.step() for _ in range(steps)], 3)
+            sweep.append({"blocks": fields, "step_ms": 1e3 * seconds / steps})
+            label = f"one decoding step with {json.dumps(fields)}"
+            print(f"{label:72s} {1e3 * seconds / steps:10.3f}  ms", flush=True)
+        decoder.fused_step = measured_step
+        decoder.step_graph.clear()
+
         decoder.prefill_graphs(ids, mask)
         decoder.forward_step()  # the compiled step, eagerly: its kernels one by one
         torch.cuda.synchronize()
@@ -139,7 +165,7 @@ def main() -> None:
     with open(args.output, "w") as handle:
         summary = {"device": torch.cuda.get_device_name(), "compile_mode": args.compile_mode or "default"}
         summary.update(fused_projections=not args.unfused, fused_blocks=args.fused_blocks)
-        summary.update(tokens=args.tokens, results=results)
+        summary.update(tokens=args.tokens, results=results, sweep=sweep)
         json.dump(summary, handle, indent=2)
 
 

@@ -45,11 +45,14 @@ def signature_of(kernel, arguments: tuple, options: dict) -> tuple[dict, dict, d
             if value % 16 == 0:
                 attributes[(index,)] = [["tt.divisibility", 16]]
     for name, value in options.items():
-        if name != "num_warps":
+        if name not in LAUNCH_OPTIONS:
             signature[name] = "constexpr"
             constants[(kernel.arg_names.index(name),)] = value
     return signature, constants, attributes
 
+
+# Options of a launch that are Triton's, not the kernel's constants.
+LAUNCH_OPTIONS = ("num_warps", "launch_pdl")
 
 # The decoder layer shapes of gpa-tiny and of the published LM (one layer is enough to list every kernel).
 LAYER_SHAPES = {
@@ -66,6 +69,7 @@ def compile_step(arch: int, batch: int, shapes: str) -> dict:
     gpu_kernels.kernels_are_interpreted = lambda: True  # the launches are listed on the meta device, never run
     max_cache_len = 512
     step = gpu_kernels.GpaFusedDecodingStep(lm, batch, max_cache_len)
+    step.dependent_launch = arch >= 90  # as on such a GPU: the step is built on the meta device here
     shape = (batch, config.num_key_value_heads, max_cache_len, config.head_dim)
     layer = SimpleNamespace(keys=torch.empty(shape, device="meta", dtype=torch.bfloat16))
     layer.values = layer.keys
@@ -78,7 +82,7 @@ def compile_step(arch: int, batch: int, shapes: str) -> dict:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": options.get("num_warps", 4)},
+            options={name: options[name] for name in LAUNCH_OPTIONS if name in options},
         )
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
@@ -86,13 +90,19 @@ def compile_step(arch: int, batch: int, shapes: str) -> dict:
             usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
         registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
         spilled = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
-        loads = re.findall(r"ld\.global\.(v\d\.)?b(\d+)", compiled.asm["ptx"])
+        ptx = compiled.asm["ptx"]
+        before, waits, _ = ptx.partition("griddepcontrol.wait")
+        loads = re.findall(r"ld\.global\.(v\d\.)?b(\d+)", ptx)
         report[f"{number}:{kernel.__name__}"] = {
             "grid": list(grid),
             "registers": registers,
             "stack_bytes": spilled,
             # global loads by width: 16-bit ones read bf16 weights one number at a time
             "loads": {f"{vector or ''}b{bits}": loads.count((vector, bits)) for vector, bits in sorted(set(loads))},
+            # programmatic dependent launch: the kernel waits for the previous one, then lets the next one start;
+            # what it loads before the wait (the weights) overlaps the previous kernel
+            "grid_dependency": re.findall(r"griddepcontrol\.(\w+)", ptx),
+            "loads_before_wait": len(re.findall(r"ld\.global", before)) if waits else 0,
         }
     return report
 

@@ -225,3 +225,9 @@ def test_kernels_compile_for_gpus_without_spilling(arch, batch, shapes):
     # The products read their weights 16 bytes at a time (one load per 8 bf16 numbers), never one number at a time.
     products = {name: usage["loads"] for name, usage in report.items() if "linear" in name}
     assert all("b16" not in loads and loads.get("v4.b32", 0) > 0 for loads in products.values()), products
+    # Hopper on: each kernel waits for the previous one, then lets the next one start (programmatic dependent
+    # launch); before they wait, the products load their weights and the attention the positions cached by earlier
+    # steps; the merge has nothing to load before.
+    waits = {name: (usage["grid_dependency"], usage["loads_before_wait"] > 0) for name, usage in report.items()}
+    launched = ["wait", "launch_dependents"] if arch >= 90 else []
+    assert waits == {name: (launched, arch >= 90 and "merge" not in name) for name in report}, waits

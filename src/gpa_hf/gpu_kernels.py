@@ -7,15 +7,18 @@ rows of the weights once for the whole batch, in one go (no loop over the input 
 
 1. `rms_norm_linear_kernel`: the input RMSNorm and the query / key / value products;
 2. `attention_split_kernel`: per-head query and key norms, rotary embedding, the new key and value written into the
-   static cache, and the query's attention over one split of the cached positions (flash-decoding), one program
-   per (sequence, key-value head, split);
+   static cache (and attended from registers), and the query's attention over one split of the cached positions
+   (flash-decoding), one program per (sequence, key-value head, split);
 3. `attention_merge_kernel`: each query head's splits merged;
 4. `linear_residual_kernel`: the output product and the residual add;
 5. `rms_norm_linear_kernel` (gated): the post-attention RMSNorm, the gate and up products, SiLU(gate) * up;
 6. `linear_residual_kernel`: the down product and the residual add.
 
 Products accumulate in float32 and the residual stream stays float32 between kernels (the stock layers round it to
-the model's dtype after every add). Importing this module needs `triton` (CUDA builds of torch bring it). The
+the model's dtype after every add). On Hopper GPUs and later each kernel is a programmatic dependent launch: it starts
+while the previous one finishes and loads its weights (the attention: the positions cached by earlier steps) before
+waiting for it. On an H200 the published LM's step takes 0.47 ms (0.64 ms without dependent launches; 1.39 ms
+compiled by `torch.compile`). Importing this module needs `triton` (CUDA builds of torch bring it). The
 kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1` before the import),
 which is how the tests compare them with the stock layers on machines without a GPU.
 """
@@ -30,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2_E = 1.4426950408889634
 
@@ -54,11 +58,13 @@ def rms_norm_linear_kernel(
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GATED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """`BLOCK_N` outputs of a product with RMSNorm(x), for every sequence; x is the float32 residual stream.
 
     Not gated: rows of one weight split in up to three (query, key, value); a block of rows lies in one of them.
     Gated: SiLU(first weight's rows . h) * (second weight's rows . h), the MLP's gate and up products.
+    `PDL`: launched as a programmatic dependent launch, it loads its weights before waiting for the previous kernel.
     """
     n0 = tl.program_id(0) * BLOCK_N
     n = tl.arange(0, BLOCK_N)
@@ -78,6 +84,9 @@ def rms_norm_linear_kernel(
             weight_ptr = third_weight_ptr + (n0 - FIRST_ROWS - SECOND_ROWS) * K
         weight = tl.load(weight_ptr + n[:, None] * K + k[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
     norm = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     for b in tl.static_range(B):
         x = tl.load(x_ptr + b * K + k, mask=k_mask, other=0.0)
         h = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)) * norm
@@ -99,6 +108,7 @@ def linear_residual_kernel(
     K_PAD: tl.constexpr,
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """x[:, n] += weight[n] . input, for `BLOCK_N` columns n of the float32 residual stream of every sequence."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,6 +118,9 @@ def linear_residual_kernel(
     weight = tl.load(weight_ptr + n[:, None] * K + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(
         tl.float32
     )
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     for b in tl.static_range(B):
         product = tl.sum(weight * tl.load(input_ptr + b * K + k, mask=k_mask, other=0.0)[None, :], axis=1)
         residual = x_ptr + b * N + n
@@ -129,6 +142,38 @@ def _normed_rotated(
     normed = values * rstd[:, None] * weight[None, :]
     normed_partners = partners * rstd[:, None] * partner_weight[None, :]
     return normed * cos[None, :] + sign[None, :] * normed_partners * sin[None, :]
+
+
+@triton.jit
+def _cached_tile(
+    key_cache_ptr, value_cache_ptr, valid_ptr, base, stride_position, first, slot, d, d_mask, BLOCK_T: tl.constexpr
+):
+    """Positions `first ... first + BLOCK_T` of one sequence and key-value head: which are attended (up to the slot,
+    not padding), and the float32 keys and values cached before the slot (the slot's own are the new ones)."""
+    t = first + tl.arange(0, BLOCK_T)
+    attended = (t <= slot) & (tl.load(valid_ptr + t, mask=t <= slot, other=0) != 0)
+    offsets = base + t[:, None] * stride_position + d[None, :]
+    mask = (attended & (t < slot))[:, None] & d_mask[None, :]
+    keys = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    values = tl.load(value_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return t, attended, keys, values
+
+
+@triton.jit
+def _attend_tile(query, is_new, attended, keys, values, new_key, new_value, running_max, total, weighted):
+    """Online softmax of the queries `(GROUP_PAD, D_PAD)` over one tile of positions, the new token's (`is_new`)
+    key and value taken from registers: the running maximum, sum of weights and weighted sum of values."""
+    keys = tl.where(is_new[:, None], new_key.to(tl.float32), keys)
+    values = tl.where(is_new[:, None], new_value.to(tl.float32), values)
+    scores = tl.sum(query[:, None, :] * keys[None, :, :], axis=2)
+    scores = tl.where(attended[None, :], scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing attended yet: no NaN from -inf - -inf
+    weights = tl.exp2(scores - shift[:, None])
+    decay = tl.exp2(running_max - shift)
+    total = total * decay + tl.sum(weights, axis=1)
+    weighted = weighted * decay[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
+    return new_max, total, weighted
 
 
 @triton.jit
@@ -161,13 +206,17 @@ def attention_split_kernel(
     SPLITS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One key-value head's queries over the cached positions `split * CHUNK ...` up to the new token's slot.
 
-    The queries (and, in the split that holds the slot, the new key) get their per-head RMSNorm and rotary
-    embedding here; that split writes the new key and value into the cache. Each query head's running maximum
-    (log2 units), sum of weights and weighted sum of values for the split are written for the merge; splits past
-    the slot write nothing (the merge reads the splits up to the slot's only).
+    The queries and the new key get their per-head RMSNorm and rotary embedding here; the split that holds the slot
+    writes the new key and value into the cache, and attends to them from registers (as rounded to the cache's
+    dtype). Each query head's running maximum (log2 units), sum of weights and weighted sum of values for the split
+    are written for the merge; splits past the slot write nothing (the merge reads the splits up to the slot's).
+    `PDL`: the positions cached by earlier steps are loaded before waiting for the previous kernel's query, key and
+    value. That is safe: this kernel starts only once every program of the previous one has waited for its own
+    predecessor, so every kernel before that one, the earlier steps' cache writes included, has finished.
     """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -183,6 +232,22 @@ def attention_split_kernel(
         position = tl.load(position_ids_ptr + row)
         cos = tl.load(cos_ptr + position * D + d, mask=d_mask, other=0.0)
         sin = tl.load(sin_ptr + position * D + d, mask=d_mask, other=0.0)
+        base = row * cache_stride_batch + kv_head * cache_stride_head
+        t, attended, keys, values = _cached_tile(
+            key_cache_ptr,
+            value_cache_ptr,
+            valid_ptr + row * valid_stride,
+            base,
+            cache_stride_position,
+            start,
+            slot,
+            d,
+            d_mask,
+            BLOCK_T,
+        )
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         qkv = qkv_ptr + row * (NH + 2 * KVH) * D
         group = tl.arange(0, GROUP_PAD)
         group_mask = group < GROUP
@@ -190,37 +255,39 @@ def attention_split_kernel(
             qkv + kv_head * GROUP * D, q_norm_ptr, cos, sin, d, partner, sign, d_mask, group_mask, eps, D, GROUP_PAD
         )
         query = query * scale_log2
-        base = row * cache_stride_batch + kv_head * cache_stride_head
-        if slot < start + CHUNK:  # this split holds the new token: its key and value go into the cache first
-            one = tl.arange(0, 1) < 1
-            key = _normed_rotated(
-                qkv + (NH + kv_head) * D, k_norm_ptr, cos, sin, d, partner, sign, d_mask, one, eps, D, 1
-            )
-            value = tl.load(qkv + (NH + KVH + kv_head) * D + d[None, :], mask=d_mask[None, :], other=0.0)
+        one = tl.arange(0, 1) < 1
+        new_key = _normed_rotated(
+            qkv + (NH + kv_head) * D, k_norm_ptr, cos, sin, d, partner, sign, d_mask, one, eps, D, 1
+        ).to(key_cache_ptr.dtype.element_ty)
+        new_value = tl.load(qkv + (NH + KVH + kv_head) * D + d[None, :], mask=d_mask[None, :], other=0.0).to(
+            value_cache_ptr.dtype.element_ty
+        )
+        if slot < start + CHUNK:  # this split holds the new token: its key and value go into the cache
             new = base + slot * cache_stride_position + d[None, :]
-            tl.store(key_cache_ptr + new, key.to(key_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
-            tl.store(value_cache_ptr + new, value.to(value_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
-            tl.debug_barrier()  # read back below by the program's other threads
+            tl.store(key_cache_ptr + new, new_key, mask=d_mask[None, :])
+            tl.store(value_cache_ptr + new, new_value, mask=d_mask[None, :])
         running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         weighted = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
-        for t0 in range(0, CHUNK, BLOCK_T):  # a fixed count: positions past the slot are masked, never read
-            t = start + t0 + tl.arange(0, BLOCK_T)
-            cached = t <= slot
-            attended = cached & (tl.load(valid_ptr + row * valid_stride + t, mask=cached, other=0) != 0)
-            offsets = base + t[:, None] * cache_stride_position + d[None, :]
-            mask = attended[:, None] & d_mask[None, :]
-            keys = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            scores = tl.sum(query[:, None, :] * keys[None, :, :], axis=2)
-            scores = tl.where(attended[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing attended yet: no NaN from -inf - -inf
-            weights = tl.exp2(scores - shift[:, None])
-            decay = tl.exp2(running_max - shift)
-            values = tl.load(value_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            total = total * decay + tl.sum(weights, axis=1)
-            weighted = weighted * decay[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
-            running_max = new_max
+        running_max, total, weighted = _attend_tile(
+            query, t == slot, attended, keys, values, new_key, new_value, running_max, total, weighted
+        )
+        for t0 in range(BLOCK_T, CHUNK, BLOCK_T):  # a fixed count: positions past the slot are masked, never read
+            t, attended, keys, values = _cached_tile(
+                key_cache_ptr,
+                value_cache_ptr,
+                valid_ptr + row * valid_stride,
+                base,
+                cache_stride_position,
+                start + t0,
+                slot,
+                d,
+                d_mask,
+                BLOCK_T,
+            )
+            running_max, total, weighted = _attend_tile(
+                query, t == slot, attended, keys, values, new_key, new_value, running_max, total, weighted
+            )
         index = (row * NH + kv_head * GROUP + group) * SPLITS + split
         tl.store(max_ptr + index, running_max, mask=group_mask)
         tl.store(sum_ptr + index, total, mask=group_mask)
@@ -240,8 +307,12 @@ def attention_merge_kernel(
     SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One query head's attention output from its splits (those up to the slot's)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -261,11 +332,13 @@ def attention_merge_kernel(
 
 @dataclass(frozen=True)
 class FusedStepBlocks:
-    """Tile sizes of the fused step's kernels.
+    """Tile sizes and launch settings of the fused step's kernels.
 
     `*_block_n`: output rows per program of the products (each program holds its rows' weights whole: rows x input
     size); `attention_block`: cached positions per iteration of the attention; `max_splits`: at most this many
-    splits of the cache per key-value head (each split at least `attention_block` positions).
+    splits of the cache per key-value head (each split at least `attention_block` positions);
+    `dependent_launch`: on GPUs that have it (compute capability 9.0 and later), launch each kernel as a
+    programmatic dependent launch, so that it starts, and loads its weights, while the previous one finishes.
     """
 
     qkv_block_n: int = 16
@@ -273,8 +346,9 @@ class FusedStepBlocks:
     gate_up_block_n: int = 16
     down_block_n: int = 4
     attention_block: int = 16
-    max_splits: int = 16
+    max_splits: int = 32
     attention_num_warps: int = 4
+    dependent_launch: bool = True
 
 
 def product_num_warps(rows: int, columns: int) -> int:
@@ -369,6 +443,9 @@ class GpaFusedDecodingStep:
             layer_weights(layer)
         self.lm = lm
         self.blocks = blocks = blocks or DEFAULT_FUSED_STEP_BLOCKS
+        self.dependent_launch = (
+            blocks.dependent_launch and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+        )
         self.batch_size = batch_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -455,6 +532,7 @@ class GpaFusedDecodingStep:
         splits = {"SPLITS": self.splits, "CHUNK": self.chunk}
         valid = attended.view(torch.uint8)
         rows = self.qkv.shape[1]
+        launch = self.launch_settings()
         for index, layer in enumerate(self.lm.layers):
             weights = layer_weights(layer)
             keys, values = cache.layers[index].keys, cache.layers[index].values
@@ -472,6 +550,7 @@ class GpaFusedDecodingStep:
                     "BLOCK_N": self.qkv_block_n,
                     "GATED": False,
                     "num_warps": product_num_warps(self.qkv_block_n, hidden_pad),
+                    **launch,
                 },
             )
             yield (
@@ -504,13 +583,14 @@ class GpaFusedDecodingStep:
                     "GROUP_PAD": triton.next_power_of_2(group),
                     "BLOCK_T": blocks.attention_block,
                     "num_warps": blocks.attention_num_warps,
+                    **launch,
                 },
             )
             yield (
                 attention_merge_kernel,
                 (batch, heads),
                 (self.split_max, self.split_sum, self.split_values, slot, self.attention),
-                {**head_shape, **splits, "SPLITS_PAD": triton.next_power_of_2(self.splits)},
+                {**head_shape, **splits, "SPLITS_PAD": triton.next_power_of_2(self.splits), **launch},
             )
             yield self.residual_product(
                 self.attention, weights["o"], heads * head_dim, attention_pad, blocks.output_block_n
@@ -537,18 +617,23 @@ class GpaFusedDecodingStep:
                     "BLOCK_N": blocks.gate_up_block_n,
                     "GATED": True,
                     "num_warps": product_num_warps(2 * blocks.gate_up_block_n, hidden_pad),
+                    **launch,
                 },
             )
             yield self.residual_product(
                 self.activation, weights["down"], intermediate, intermediate_pad, blocks.down_block_n
             )
 
+    def launch_settings(self) -> dict:
+        """Every kernel's `PDL` constant, and Triton's `launch_pdl` option where it is set."""
+        return {"PDL": True, "launch_pdl": True} if self.dependent_launch else {"PDL": False}
+
     def residual_product(
         self, inputs: torch.Tensor, weight: torch.Tensor, size: int, size_pad: int, block_n: int
     ) -> Launch:
         """The launch of residual += inputs @ weight.T (the attention's output product, the MLP's down product)."""
         options = {"B": self.batch_size, "K": size, "K_PAD": size_pad, "N": self.hidden_size, "BLOCK_N": block_n}
-        options["num_warps"] = product_num_warps(block_n, size_pad)
+        options.update(num_warps=product_num_warps(block_n, size_pad), **self.launch_settings())
         grid = (triton.cdiv(self.hidden_size, block_n),)
         return linear_residual_kernel, grid, (inputs, weight, self.residual), options
 

@@ -145,17 +145,15 @@ def _normed_rotated(
 
 
 @triton.jit
-def _cached_tile(
-    key_cache_ptr, value_cache_ptr, valid_ptr, base, stride_position, first, slot, d, d_mask, BLOCK_T: tl.constexpr
-):
+def _cached_tile(keys_ptr, values_ptr, valid_ptr, stride_position, first, slot, d, d_mask, BLOCK_T: tl.constexpr):
     """Positions `first ... first + BLOCK_T` of one sequence and key-value head: which are attended (up to the slot,
     not padding), and the float32 keys and values cached before the slot (the slot's own are the new ones)."""
     t = first + tl.arange(0, BLOCK_T)
     attended = (t <= slot) & (tl.load(valid_ptr + t, mask=t <= slot, other=0) != 0)
-    offsets = base + t[:, None] * stride_position + d[None, :]
+    offsets = t[:, None] * stride_position + d[None, :]
     mask = (attended & (t < slot))[:, None] & d_mask[None, :]
-    keys = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    values = tl.load(value_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    keys = tl.load(keys_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    values = tl.load(values_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     return t, attended, keys, values
 
 
@@ -233,17 +231,9 @@ def attention_split_kernel(
         cos = tl.load(cos_ptr + position * D + d, mask=d_mask, other=0.0)
         sin = tl.load(sin_ptr + position * D + d, mask=d_mask, other=0.0)
         base = row * cache_stride_batch + kv_head * cache_stride_head
+        keys_ptr, values_ptr, valid_ptr = key_cache_ptr + base, value_cache_ptr + base, valid_ptr + row * valid_stride
         t, attended, keys, values = _cached_tile(
-            key_cache_ptr,
-            value_cache_ptr,
-            valid_ptr + row * valid_stride,
-            base,
-            cache_stride_position,
-            start,
-            slot,
-            d,
-            d_mask,
-            BLOCK_T,
+            keys_ptr, values_ptr, valid_ptr, cache_stride_position, start, slot, d, d_mask, BLOCK_T
         )
         if PDL:
             gdc_wait()
@@ -274,16 +264,7 @@ def attention_split_kernel(
         )
         for t0 in range(BLOCK_T, CHUNK, BLOCK_T):  # a fixed count: positions past the slot are masked, never read
             t, attended, keys, values = _cached_tile(
-                key_cache_ptr,
-                value_cache_ptr,
-                valid_ptr + row * valid_stride,
-                base,
-                cache_stride_position,
-                start + t0,
-                slot,
-                d,
-                d_mask,
-                BLOCK_T,
+                keys_ptr, values_ptr, valid_ptr, cache_stride_position, start + t0, slot, d, d_mask, BLOCK_T
             )
             running_max, total, weighted = _attend_tile(
                 query, t == slot, attended, keys, values, new_key, new_value, running_max, total, weighted

@@ -4,7 +4,9 @@
 
 Builds one layer of the LM on the meta device (no memory), lists the step's launches as `GpaFusedDecodingStep`
 makes them, compiles each launch to a cubin and prints, as JSON, its grid, registers per thread, the bytes it
-spills to local memory (from `cuobjdump -res-usage`) and its global loads by width (from the PTX).
+spills to local memory (from `cuobjdump -res-usage`), its global loads by width and, for programmatic dependent
+launches (sm_90 and later), its grid-dependency instructions and the global loads it issues before waiting (from the
+PTX).
 """
 
 from __future__ import annotations

@@ -42,6 +42,16 @@ Launch = tuple[triton.JITFunction, tuple[int, ...], tuple, dict]
 
 
 @triton.jit
+def _wait_for_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the previous kernel has finished (its writes visible), then
+    let the next kernel start. In that order, a kernel starts only once every program of this one has waited, so
+    every kernel before this one has finished: what the next kernel loads before its own wait is complete."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def rms_norm_linear_kernel(
     x_ptr,
     norm_ptr,
@@ -84,9 +94,7 @@ def rms_norm_linear_kernel(
             weight_ptr = third_weight_ptr + (n0 - FIRST_ROWS - SECOND_ROWS) * K
         weight = tl.load(weight_ptr + n[:, None] * K + k[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
     norm = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _wait_for_previous_kernel(PDL)
     for b in tl.static_range(B):
         x = tl.load(x_ptr + b * K + k, mask=k_mask, other=0.0)
         h = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)) * norm
@@ -118,9 +126,7 @@ def linear_residual_kernel(
     weight = tl.load(weight_ptr + n[:, None] * K + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(
         tl.float32
     )
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _wait_for_previous_kernel(PDL)
     for b in tl.static_range(B):
         product = tl.sum(weight * tl.load(input_ptr + b * K + k, mask=k_mask, other=0.0)[None, :], axis=1)
         residual = x_ptr + b * N + n
@@ -213,8 +219,8 @@ def attention_split_kernel(
     dtype). Each query head's running maximum (log2 units), sum of weights and weighted sum of values for the split
     are written for the merge; splits past the slot write nothing (the merge reads the splits up to the slot's).
     `PDL`: the positions cached by earlier steps are loaded before waiting for the previous kernel's query, key and
-    value. That is safe: this kernel starts only once every program of the previous one has waited for its own
-    predecessor, so every kernel before that one, the earlier steps' cache writes included, has finished.
+    value. That is safe (see `_wait_for_previous_kernel`): every kernel before the previous one, the earlier steps'
+    cache writes included, has finished when this one starts.
     """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -235,9 +241,7 @@ def attention_split_kernel(
         t, attended, keys, values = _cached_tile(
             keys_ptr, values_ptr, valid_ptr, cache_stride_position, start, slot, d, d_mask, BLOCK_T
         )
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        _wait_for_previous_kernel(PDL)
         qkv = qkv_ptr + row * (NH + 2 * KVH) * D
         group = tl.arange(0, GROUP_PAD)
         group_mask = group < GROUP
@@ -291,9 +295,7 @@ def attention_merge_kernel(
     PDL: tl.constexpr,
 ):
     """One query head's attention output from its splits (those up to the slot's)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
